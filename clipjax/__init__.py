@@ -1,0 +1,42 @@
+"""clipjax: gradient clipping for JAX, as optax GradientTransformations."""
+
+from importlib import metadata as _metadata
+
+from ._base import ClipStats as ClipStats
+from ._clipping import ClipByBlockRmsState as ClipByBlockRmsState
+from ._clipping import ClipByGlobalNormState as ClipByGlobalNormState
+from ._clipping import ClipByNormState as ClipByNormState
+from ._clipping import ClipState as ClipState
+from ._clipping import clip as clip
+from ._clipping import clip_by_block_rms as clip_by_block_rms
+from ._clipping import clip_by_global_norm as clip_by_global_norm
+from ._clipping import clip_by_norm as clip_by_norm
+from ._norms import global_norm as global_norm
+from ._norms import leaf_norms as leaf_norms
+from ._norms import unitwise_norm as unitwise_norm
+from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
+from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._stats import clip_stats as clip_stats
+
+try:
+  __version__ = _metadata.version("clipjax")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+  __version__ = "0.0.0"
+
+__all__ = [
+    "ClipByBlockRmsState",
+    "ClipByGlobalNormState",
+    "ClipByNormState",
+    "ClipState",
+    "ClipStats",
+    "clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_stats",
+    "global_norm",
+    "leaf_norms",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+    "unitwise_norm",
+]

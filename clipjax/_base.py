@@ -1,0 +1,239 @@
+"""The shared pieces of every clipper: statistics, thresholds, the scale rule, apply.
+
+A norm-based clipper measures (``_norms``), decides a scale here with
+:func:`scale_rule`, and applies it with :func:`apply_scale`. Adaptive clippers
+only compute a threshold from their state before calling the same rule.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Threshold = float | int | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
+
+_STATE_NAMES: dict[type, str] = {}
+_T = TypeVar("_T", bound=type)
+
+
+def stats_state(name: str) -> Callable[[_T], _T]:
+  """Registers a state class whose ``stats`` field :func:`clipjax.clip_stats` reports.
+
+  ``name`` is the transform's public name, used as the prefix of its statistics.
+  """
+
+  def register(cls: _T) -> _T:
+    _STATE_NAMES[cls] = name
+    return cls
+
+  return register
+
+
+def state_name(node: Any) -> str | None:
+  """The transform name of a registered state, else ``None``."""
+  return _STATE_NAMES.get(type(node))
+
+
+class ClipStats(NamedTuple):
+  """What a clipper did on its last step, kept in its state for logging.
+
+  ``clipped`` is True when the updates were rescaled (down to ``threshold``, or
+  up to a ``min_*`` floor); ``scale`` is the factor applied (for per-leaf and
+  element-wise clippers, the smallest one); ``norm`` is the measured quantity
+  compared with ``threshold`` (for per-leaf clippers, the largest leaf norm).
+  """
+
+  norm: jax.Array  # [] float32, pre-clip
+  threshold: jax.Array  # [] float32, the threshold in force at this step
+  scale: jax.Array  # [] float32, 1.0 when untouched
+  clipped: jax.Array  # [] bool
+  finite: jax.Array  # [] bool, False when the measured norm was NaN or inf
+
+
+def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
+  """Statistics before the first step: nothing measured, nothing clipped."""
+  return ClipStats(
+      norm=jnp.zeros((), jnp.float32),
+      threshold=jnp.asarray(threshold).astype(jnp.float32),
+      scale=jnp.ones((), jnp.float32),
+      clipped=jnp.zeros((), jnp.bool_),
+      finite=jnp.ones((), jnp.bool_),
+  )
+
+
+def make_stats(norm: jax.Array, threshold: jax.typing.ArrayLike, scale: jax.Array,
+               clipped: jax.Array, finite: jax.Array) -> ClipStats:
+  """Statistics of one step, cast to the dtypes the state keeps."""
+  return ClipStats(
+      norm=jnp.asarray(norm).astype(jnp.float32),
+      threshold=jnp.asarray(threshold).astype(jnp.float32),
+      scale=jnp.asarray(scale).astype(jnp.float32),
+      clipped=jnp.asarray(clipped, jnp.bool_),
+      finite=jnp.asarray(finite, jnp.bool_),
+  )
+
+
+# Thresholds -----------------------------------------------------------------
+
+
+def is_schedule(value: Any) -> bool:
+  """Whether a threshold is an ``optax.Schedule`` (a callable of the step count)."""
+  return callable(value)
+
+
+def is_concrete(value: Any) -> bool:
+  """Whether ``value`` can be read in Python (not a tracer, not a schedule)."""
+  if is_schedule(value) or isinstance(value, jax.core.Tracer):
+    return False
+  return True
+
+
+def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
+                 maximum: float | None = None, strict_min: bool = False,
+                 strict_max: bool = False, allow_none: bool = False,
+                 allow_schedule: bool = True) -> None:
+  """Validates a concrete scalar argument; tracers and schedules pass unchecked.
+
+  Raises ``ValueError`` naming the argument and its value, e.g.
+  ``max_norm=-1.0 must be >= 0``.
+  """
+  if value is None:
+    if allow_none:
+      return
+    raise ValueError(f"{name}=None is not allowed")
+  if is_schedule(value):
+    if allow_schedule:
+      return
+    raise ValueError(f"{name}={value!r} must be a number, not a schedule")
+  if not is_concrete(value):
+    return
+  try:
+    array = jnp.asarray(value)
+  except TypeError:
+    raise ValueError(f"{name}={value!r} must be a number") from None
+  if array.ndim != 0:
+    raise ValueError(f"{name}={value!r} must be a scalar")
+  if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == jnp.bool_):
+    raise ValueError(f"{name}={value!r} must be a number")
+  number = float(array)
+  shown = value if isinstance(value, (int, float)) else number
+  if number != number:
+    raise ValueError(f"{name}={shown} must not be NaN")
+  if minimum is not None:
+    if strict_min and not number > minimum:
+      raise ValueError(f"{name}={shown} must be > {minimum:g}")
+    if not strict_min and not number >= minimum:
+      raise ValueError(f"{name}={shown} must be >= {minimum:g}")
+  if maximum is not None:
+    if strict_max and not number < maximum:
+      raise ValueError(f"{name}={shown} must be < {maximum:g}")
+    if not strict_max and not number <= maximum:
+      raise ValueError(f"{name}={shown} must be <= {maximum:g}")
+
+
+def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
+  """Raises when two concrete thresholds are in the wrong order (``low > high``)."""
+  if low is None or high is None or not (is_concrete(low) and is_concrete(high)):
+    return
+  if float(jnp.asarray(low)) > float(jnp.asarray(high)):
+    raise ValueError(f"{low_name}={low} must be <= {high_name}={high}")
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+  """Validates a static integer argument (sizes and step counts)."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{name}={value!r} must be an int")
+  if value < minimum:
+    raise ValueError(f"{name}={value} must be >= {minimum}")
+  return value
+
+
+def resolve(value: Threshold | None, count: jax.Array) -> jax.Array | None:
+  """The threshold in force at step ``count``: a schedule is evaluated at it."""
+  if value is None:
+    return None
+  if is_schedule(value):
+    return jnp.asarray(value(count))
+  return jnp.asarray(value)
+
+
+def any_schedule(*values: Any) -> bool:
+  return any(is_schedule(v) for v in values)
+
+
+def initial_threshold(value: Threshold | None) -> jax.Array:
+  """The threshold at step 0, as float32, for a fresh state."""
+  if value is None:
+    return jnp.full((), jnp.inf, jnp.float32)
+  return resolve(value, jnp.zeros((), jnp.int32)).astype(jnp.float32)
+
+
+def next_count(count: jax.Array) -> jax.Array:
+  return optax.safe_increment(count)
+
+
+# Decide and apply -------------------------------------------------------------
+
+
+def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
+               min_norm: jax.typing.ArrayLike | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The factor that brings ``norm`` into ``[min_norm, max_norm]``.
+
+  ``scale = max_norm / norm`` when ``norm > max_norm``; ``min_norm / norm`` when
+  ``0 < norm < min_norm``; else 1. A zero norm keeps scale 1 (zero stays zero,
+  whatever the thresholds, with no 0/0); a NaN or inf norm keeps scale 1 (the
+  updates pass through and ``finite`` is False). Works elementwise, so ``norm``
+  may hold one norm per leaf.
+
+  Returns:
+    ``(scale, clipped, finite)``, shaped like ``norm``.
+  """
+  finite = jnp.isfinite(norm)
+  positive = norm > 0
+  safe = jnp.where(positive & finite, norm, jnp.ones((), norm.dtype))
+  one = jnp.ones((), norm.dtype)
+  scale = one
+  if min_norm is not None:
+    low = jnp.asarray(min_norm).astype(norm.dtype)
+    scale = jnp.where(positive & (norm < low), low / safe, scale)
+  if max_norm is not None:
+    high = jnp.asarray(max_norm).astype(norm.dtype)
+    scale = jnp.where(norm > high, high / safe, scale)
+  scale = jnp.where(finite, scale, one)
+  clipped = finite & (scale != one)
+  return jnp.broadcast_to(scale, norm.shape), clipped, finite
+
+
+def apply_scale(updates: Any, scales: jax.Array) -> Any:
+  """Multiplies each leaf by its scale; the result keeps the leaf's dtype.
+
+  ``scales`` is a scalar (one factor for the whole tree) or a vector with one
+  factor per leaf, in ``jax.tree.leaves`` order. Half-precision leaves are
+  multiplied in float32 and cast back, so a small factor cannot underflow in
+  float16 before it is applied.
+  """
+  leaves, treedef = jax.tree.flatten(updates)
+  per_leaf = jnp.ndim(scales) == 1
+  out = []
+  for i, leaf in enumerate(leaves):
+    leaf = jnp.asarray(leaf)
+    scale = scales[i] if per_leaf else scales
+    out.append(scale_leaf(leaf, scale))
+  return jax.tree.unflatten(treedef, out)
+
+
+def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
+  """``leaf * scale`` computed in at least float32, returned in ``leaf.dtype``."""
+  compute = jnp.promote_types(leaf.dtype, jnp.float32)
+  if compute == leaf.dtype:
+    return leaf * jnp.asarray(scale).astype(leaf.dtype)
+  return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)
+
+
+NO_PARAMS_MSG = (
+    "{name} needs the current parameters: call update(updates, state, params)"
+    " (inside optax.chain the params are passed on to every transform)."
+)

@@ -1,0 +1,294 @@
+"""Clipping with fixed or scheduled thresholds: by value, per leaf, global, block RMS."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _base
+from . import _norms
+from ._base import ClipStats, Threshold
+
+# Every fixed-threshold clipper keeps the same state: a step count (read by
+# scheduled thresholds) and the statistics of its last step.
+
+
+@_base.stats_state("clip")
+class ClipState(NamedTuple):
+  """State of :func:`clip`."""
+
+  count: jax.Array  # [] int32, steps taken
+  stats: ClipStats
+
+
+@_base.stats_state("clip_by_norm")
+class ClipByNormState(NamedTuple):
+  """State of :func:`clip_by_norm`."""
+
+  count: jax.Array  # [] int32, steps taken
+  stats: ClipStats
+
+
+@_base.stats_state("clip_by_global_norm")
+class ClipByGlobalNormState(NamedTuple):
+  """State of :func:`clip_by_global_norm`."""
+
+  count: jax.Array  # [] int32, steps taken
+  stats: ClipStats
+
+
+@_base.stats_state("clip_by_block_rms")
+class ClipByBlockRmsState(NamedTuple):
+  """State of :func:`clip_by_block_rms`."""
+
+  count: jax.Array  # [] int32, steps taken
+  stats: ClipStats
+
+
+# (updates, max threshold, min threshold or None) -> (updates, stats)
+_Rule = Callable[[Any, jax.Array, jax.Array | None], tuple[Any, ClipStats]]
+
+
+def _threshold_transform(state_cls: type, rule: _Rule, high: Threshold,
+                         low: Threshold | None) -> optax.GradientTransformation:
+  """A transform that resolves its thresholds at the step count, then applies ``rule``."""
+
+  def init_fn(params):
+    del params
+    return state_cls(count=jnp.zeros((), jnp.int32),
+                     stats=_base.initial_stats(_base.initial_threshold(high)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    if state is None:
+      state = init_fn(None)
+    updates, stats = rule(updates, _base.resolve(high, state.count),
+                          _base.resolve(low, state.count))
+    return updates, state_cls(count=_base.next_count(state.count), stats=stats)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
+  _base.check_number(high_name, high)
+  _base.check_number(low_name, low, allow_none=True)
+  _base.check_order(low_name, low, high_name, high)
+
+
+def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
+                    clipped: jax.Array, finite: jax.Array) -> ClipStats:
+  """Statistics of a per-leaf clip, told by its largest leaf norm."""
+  if norms.shape[0] == 0:
+    return _base.initial_stats(high)
+  largest = jnp.argmax(jnp.where(jnp.isnan(norms), jnp.inf, norms))
+  return _base.make_stats(jnp.max(norms), high, scales[largest], jnp.any(clipped),
+                          jnp.all(finite))
+
+
+def clip(max_delta: Threshold, *, min_delta: Threshold | None = None
+         ) -> optax.GradientTransformation:
+  """Clips every element's magnitude into ``[min_delta, max_delta]``, keeping its sign.
+
+  ``g ← sign(g) · clamp(|g|, min_delta, max_delta)``, with exact zeros kept at
+  zero. Without ``min_delta`` this is ``optax.clip``,
+  ``torch.nn.utils.clip_grad_value_`` and Keras' ``clipvalue``. When some
+  element is NaN or inf the updates pass through unchanged and the step is
+  reported with ``finite`` False (pair with ``optax.apply_if_finite`` to skip
+  it). The statistics measure the largest magnitude: ``norm = max|g|``,
+  ``scale = max_delta / norm`` when it is clipped.
+
+  Args:
+    max_delta: the largest magnitude an element may keep: a number, a scalar
+      array, or an ``optax.Schedule`` of the step count.
+    min_delta: optional smallest magnitude of a nonzero element; smaller ones
+      are raised to it.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> tx = clipjax.clip(1.0, min_delta=0.01)
+    >>> updates, state = tx.update(jnp.array([0.0, 1e-4, -3.0]), tx.init(None))
+    >>> updates
+    Array([ 0.  ,  0.01, -1.  ], dtype=float32)
+    >>> bool(state.stats.clipped)
+    True
+  """
+  _check_thresholds("max_delta", max_delta, "min_delta", min_delta)
+
+  def rule(updates, high, low):
+    largest = _norms.measure(updates, float("inf")).total
+    finite = jnp.isfinite(largest)
+    scale, clipped, _ = _base.scale_rule(largest, high)
+    if low is not None:
+      smallest = _smallest_nonzero(updates, largest.dtype)
+      clipped = clipped | (finite & (smallest < low.astype(largest.dtype)))
+
+    def clamp(g):
+      g = jnp.asarray(g)
+      top = high.astype(g.dtype)
+      if low is None:
+        out = jnp.clip(g, -top, top)
+      else:
+        magnitude = jnp.clip(jnp.abs(g), low.astype(g.dtype), top)
+        out = jnp.where(g == 0, g, jnp.sign(g) * magnitude)
+      return jnp.where(finite, out, g)
+
+    stats = _base.make_stats(largest, high, scale, clipped, finite)
+    return jax.tree.map(clamp, updates), stats
+
+  return _threshold_transform(ClipState, rule, max_delta, min_delta)
+
+
+def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
+  """The smallest nonzero magnitude in the tree (inf when there is none)."""
+  smallest = jnp.full((), jnp.inf, dtype)
+  for g in jax.tree.leaves(updates):
+    magnitude = jnp.abs(jnp.asarray(g)).astype(dtype)
+    if magnitude.size:
+      smallest = jnp.minimum(smallest, jnp.min(jnp.where(magnitude > 0, magnitude, jnp.inf)))
+  return smallest
+
+
+def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
+                 ord: int | float = 2, axis_name: _norms.AxisName = None,
+                 replicated: Any = None) -> optax.GradientTransformation:
+  """Clips each leaf (tensor) to norm at most ``max_norm``, independently.
+
+  ``g_i ← g_i · max_norm / max(‖g_i‖, max_norm)``, the ``tf.clip_by_norm`` /
+  Keras ``clipnorm`` rule applied to every leaf. With ``min_norm``, a leaf
+  with ``0 < ‖g_i‖ < min_norm`` is scaled up to ``min_norm``; zero leaves stay
+  zero. A leaf whose norm is NaN or inf passes through unchanged. The
+  statistics describe the leaf with the largest norm.
+
+  Args:
+    max_norm: the largest norm a leaf may keep: a number, a scalar array, or an
+      ``optax.Schedule`` of the step count.
+    min_norm: optional floor for nonzero leaf norms (``<= max_norm``).
+    ord: ``1``, ``2`` or ``jnp.inf``.
+    axis_name: mapped axis name(s) over which the leaves are sharded; each
+      leaf's norm is then taken over all its shards, with one collective for
+      all leaves.
+    replicated: pytree prefix of bools marking leaves that are the same on
+      every device of ``axis_name``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipByNormState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> tx = clipjax.clip_by_norm(1.0)
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["a"], updates["b"]
+    (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
+  """
+  _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
+  ord = _norms.check_ord(ord)
+
+  def rule(updates, high, low):
+    norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated).leaves
+    scales, clipped, finite = _base.scale_rule(norms, high, low)
+    return _base.apply_scale(updates, scales), _per_leaf_stats(
+        norms, high, scales, clipped, finite)
+
+  return _threshold_transform(ClipByNormState, rule, max_norm, min_norm)
+
+
+def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
+                        ord: int | float = 2, axis_name: _norms.AxisName = None,
+                        replicated: Any = None) -> optax.GradientTransformation:
+  """Clips the whole update tree to global norm at most ``max_norm``.
+
+  ``g ← g · max_norm / max(‖g‖, max_norm)`` with ``‖g‖`` the norm of all
+  leaves together, accumulated in float32 (overflow-safe for float16 and
+  bfloat16). ``ord=2`` matches ``optax.clip_by_global_norm`` and
+  ``torch.nn.utils.clip_grad_norm_``. With ``min_norm``, a nonzero update
+  whose norm is below ``min_norm`` is scaled up to it (a floor against
+  vanishing updates). A zero update stays zero, even with ``max_norm=0``; a
+  NaN or inf norm leaves the updates unscaled with ``finite`` False.
+
+  Args:
+    max_norm: the largest global norm: a number, a scalar array (traced values
+      work with ``optax.inject_hyperparams``), or an ``optax.Schedule``.
+    min_norm: optional floor for a nonzero global norm (``<= max_norm``).
+    ord: ``1``, ``2`` or ``jnp.inf``.
+    axis_name: mapped axis name(s) over which the leaves are sharded
+      (``shard_map``, ``pmap``); the norm is global over them, with one
+      ``psum`` (``pmax`` for inf) per update.
+    replicated: pytree prefix of bools marking leaves that are the same on
+      every device of ``axis_name``; they are counted once.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ClipByGlobalNormState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> tx = clipjax.clip_by_global_norm(1.0)
+    >>> grads = {"w": jnp.full((1000,), 300.0, jnp.float16)}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> round(float(clipjax.global_norm(updates)), 3), updates["w"].dtype
+    (1.0, dtype('float16'))
+    >>> round(float(state.stats.norm), 1), bool(state.stats.clipped)
+    (9486.8, True)
+
+  References:
+    Pascanu, Mikolov and Bengio, `On the difficulty of training recurrent
+    neural networks <https://arxiv.org/abs/1211.5063>`_, 2013.
+  """
+  _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
+  ord = _norms.check_ord(ord)
+
+  def rule(updates, high, low):
+    norm = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated).total
+    scale, clipped, finite = _base.scale_rule(norm, high, low)
+    return _base.apply_scale(updates, scale), _base.make_stats(
+        norm, high, scale, clipped, finite)
+
+  return _threshold_transform(ClipByGlobalNormState, rule, max_norm, min_norm)
+
+
+def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformation:
+  """Clips each leaf (block) to root-mean-square at most ``threshold``.
+
+  ``g_i ← g_i / max(1, rms(g_i) / threshold)`` with
+  ``rms(g_i) = ‖g_i‖₂ / sqrt(size_i)``, as ``optax.clip_by_block_rms``, with
+  the mean of squares accumulated in float32 and no NaN for a zero block
+  (even with ``threshold=0``). The statistics describe the block with the
+  largest RMS.
+
+  Args:
+    threshold: the largest RMS of a block: a number, a scalar array, or an
+      ``optax.Schedule``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ClipByBlockRmsState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> tx = clipjax.clip_by_block_rms(1.0)
+    >>> updates, _ = tx.update([jnp.array([3.0, -3.0, 3.0, -3.0])], tx.init(None))
+    >>> updates[0]
+    Array([ 1., -1.,  1., -1.], dtype=float32)
+  """
+  _base.check_number("threshold", threshold)
+
+  def rule(updates, high, low):
+    del low
+    norms = _norms.measure(updates, 2).leaves
+    sizes = [max(jnp.size(g), 1) for g in jax.tree.leaves(updates)]
+    rms = norms / jnp.sqrt(jnp.asarray(sizes, norms.dtype))
+    scales, clipped, finite = _base.scale_rule(rms, high)
+    return _base.apply_scale(updates, scales), _per_leaf_stats(
+        rms, high, scales, clipped, finite)
+
+  return _threshold_transform(ClipByBlockRmsState, rule, threshold, None)

@@ -1,0 +1,117 @@
+"""Per-example clipping for DP-SGD: clip each example's gradient, then sum."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _base
+from . import _norms
+
+
+def _check_batch_dim(grads: Any, name: str) -> list[jax.Array]:
+  leaves = [jnp.asarray(g) for g in jax.tree.leaves(grads)]
+  if not leaves:
+    raise ValueError(f"{name}: grads is an empty tree")
+  batch = leaves[0].shape[0] if leaves[0].ndim else None
+  if batch is None or any(g.ndim < 1 or g.shape[0] != batch for g in leaves):
+    raise ValueError(
+        f"{name} expects every leaf of grads to have the same batch dimension in"
+        f" axis 0; got shapes {[g.shape for g in leaves]}")
+  return leaves
+
+
+def _multipliers(norms: jax.Array, clip_norm: jax.typing.ArrayLike) -> jax.Array:
+  """``min(1, C / ‖g_b‖)`` per example; 1 for zero or non-finite norms."""
+  scale, _, _ = _base.scale_rule(norms, clip_norm)
+  return scale
+
+
+def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
+  compute = jnp.promote_types(g.dtype, jnp.float32)
+  summed = jnp.tensordot(multipliers.astype(compute), g.astype(compute), axes=1)
+  return summed.astype(g.dtype)
+
+
+def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
+                                 ) -> tuple[Any, jax.Array]:
+  """Clips each example's gradient to global L2 norm ``l2_norm_clip``, then sums.
+
+  ``Σ_b g_b · min(1, C / ‖g_b‖)``, where ``g_b`` is example ``b``'s slice of
+  every leaf (axis 0 is the batch) and ``‖g_b‖`` its norm over all leaves,
+  accumulated in float32. Same results and signature as optax's function of
+  this name; an example with a NaN or inf norm enters the sum unscaled rather
+  than being zeroed.
+
+  Args:
+    grads: a pytree whose leaves all have the batch dimension in axis 0.
+    l2_norm_clip: the largest L2 norm of one example's gradient.
+
+  Returns:
+    ``(clipped_sum, num_clipped)``: the sum over the batch of the clipped
+    per-example gradients (a pytree without the batch axis), and how many
+    examples were clipped (int32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> grads = [jnp.array([[0., 0., 0.], [0., 3., 4.], [4., 0., 3.], [3., 4., 0.]])]
+    >>> clipjax.per_example_global_norm_clip(grads, 1.25)
+    ([Array([1.75, 1.75, 1.75], dtype=float32)], Array(3, dtype=int32))
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016.
+  """
+  _base.check_number("l2_norm_clip", l2_norm_clip, allow_schedule=False)
+  _check_batch_dim(grads, "per_example_global_norm_clip")
+  norms = jax.vmap(_norms.global_norm)(grads)
+  multipliers = _multipliers(norms, l2_norm_clip)
+  num_clipped = jnp.sum(multipliers < 1, dtype=jnp.int32)
+  return jax.tree.map(lambda g: _weighted_sum(multipliers, jnp.asarray(g)), grads), num_clipped
+
+
+def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.ArrayLike,
+                                uniform: bool = True) -> tuple[Any, Any]:
+  """Clips each example's gradient layer by layer, then sums over the batch.
+
+  Each leaf ``i`` (layer) of every example is clipped to its own norm ``C_i``:
+  ``C / sqrt(K)`` for ``K`` leaves when ``uniform``, else
+  ``C · sqrt(D_i / D)`` with ``D_i`` the leaf's size per example and ``D`` the
+  total; so ``sqrt(Σ C_i²) = C``. Same results and signature as optax's
+  function of this name.
+
+  Args:
+    grads: a pytree whose leaves all have the batch dimension in axis 0.
+    global_l2_norm_clip: the overall clip norm ``C``.
+    uniform: split ``C`` evenly over the layers, or in proportion to their size.
+
+  Returns:
+    ``(clipped_sum, num_clipped)``: a pytree of per-leaf sums over the batch,
+    and a pytree (same structure) of per-leaf clipped-example counts.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> grads = [jnp.array([[0., 0., 0.], [0., 3., 4.], [4., 0., 3.], [3., 4., 0.]])]
+    >>> clipjax.per_example_layer_norm_clip(grads, 1.25)
+    ([Array([1.75, 1.75, 1.75], dtype=float32)], [Array(3, dtype=int32)])
+
+  References:
+    McMahan et al., `Learning Differentially Private Recurrent Language Models
+    <https://arxiv.org/abs/1710.06963>`_, 2018.
+  """
+  _base.check_number("global_l2_norm_clip", global_l2_norm_clip, allow_schedule=False)
+  leaves = _check_batch_dim(grads, "per_example_layer_norm_clip")
+  treedef = jax.tree.structure(grads)
+  if uniform:
+    fractions = [1.0 / len(leaves)] * len(leaves)
+  else:
+    sizes = [g[0].size for g in leaves]
+    fractions = [size / sum(sizes) for size in sizes]
+  sums, counts = [], []
+  for g, fraction in zip(leaves, fractions):
+    total, count = per_example_global_norm_clip([g], global_l2_norm_clip * fraction**0.5)
+    sums.append(total[0])
+    counts.append(count)
+  return jax.tree.unflatten(treedef, sums), jax.tree.unflatten(treedef, counts)

@@ -1,0 +1,35 @@
+"""Test set-up: 8 CPU devices before JAX starts, strict promotion, seeded Hypothesis."""
+
+import os
+
+# JAX reads this once, when its CPU backend starts: it must be set before any
+# test imports jax. Multi-device tests then always run on 8 CPU devices.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("clipjax", derandomize=True, deadline=None, max_examples=30,
+                          print_blob=True)
+settings.load_profile("clipjax")
+
+
+def pytest_sessionstart(session):
+  del session
+  if jax.device_count() != 8:
+    raise RuntimeError(
+        f"the tests need 8 CPU devices, JAX has {jax.device_count()}: "
+        "jax was imported before tests/conftest.py set XLA_FLAGS")
+
+
+@pytest.fixture(autouse=True)
+def _strict_promotion(request):
+  """The library's own code must not rely on implicit dtype or rank promotion."""
+  if request.node.get_closest_marker("loose_promotion"):
+    yield
+    return
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    yield
