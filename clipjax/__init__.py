@@ -16,7 +16,11 @@ from ._norms import leaf_norms as leaf_norms
 from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._schedules import inverse_sqrt_decay as inverse_sqrt_decay
+from ._schedules import inverse_time_decay as inverse_time_decay
+from ._schedules import polynomial_decay as polynomial_decay
 from ._stats import clip_stats as clip_stats
+from ._wrappers import clipped as clipped
 
 try:
   __version__ = _metadata.version("clipjax")
@@ -34,9 +38,13 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_stats",
+    "clipped",
     "global_norm",
+    "inverse_sqrt_decay",
+    "inverse_time_decay",
     "leaf_norms",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
+    "polynomial_decay",
     "unitwise_norm",
 ]
