@@ -2,6 +2,16 @@
 
 from importlib import metadata as _metadata
 
+from ._adaptive import AdagcState as AdagcState
+from ._adaptive import AdaptiveGradClipState as AdaptiveGradClipState
+from ._adaptive import AutoclipState as AutoclipState
+from ._adaptive import QuantileClipState as QuantileClipState
+from ._adaptive import ZclipState as ZclipState
+from ._adaptive import adagc as adagc
+from ._adaptive import adaptive_grad_clip as adaptive_grad_clip
+from ._adaptive import autoclip as autoclip
+from ._adaptive import quantile_clip as quantile_clip
+from ._adaptive import zclip as zclip
 from ._base import ClipStats as ClipStats
 from ._clipping import ClipByBlockRmsState as ClipByBlockRmsState
 from ._clipping import ClipByGlobalNormState as ClipByGlobalNormState
@@ -28,11 +38,19 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
   __version__ = "0.0.0"
 
 __all__ = [
+    "AdagcState",
+    "AdaptiveGradClipState",
+    "AutoclipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByNormState",
     "ClipState",
     "ClipStats",
+    "QuantileClipState",
+    "ZclipState",
+    "adagc",
+    "adaptive_grad_clip",
+    "autoclip",
     "clip",
     "clip_by_block_rms",
     "clip_by_global_norm",
@@ -46,5 +64,7 @@ __all__ = [
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
     "polynomial_decay",
+    "quantile_clip",
     "unitwise_norm",
+    "zclip",
 ]
