@@ -164,8 +164,9 @@ def reduced_partials(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
     else:
       mask = replicated_mask(tree, replicated)
       if any(mask):
+        # A sharded leaf counts on every device, a replicated one on index 0 only.
         first = lax.axis_index(axis_name) == 0
-        keep = jnp.logical_or(jnp.asarray(mask), first)
+        keep = jnp.logical_or(jnp.logical_not(jnp.asarray(mask)), first)
         partials = jnp.where(keep[None, :], partials, jnp.zeros((), acc))
       partials = lax.psum(partials, axis_name)
   return Partials(partials[0], partials[1], ord, exponent)
