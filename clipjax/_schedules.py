@@ -13,22 +13,50 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-
-from . import _base
-
-
-def _check_value(name: str, value: Any) -> None:
-  """A schedule's value argument: a finite number >= 0 (tracers pass unchecked)."""
-  _base.check_number(name, value, allow_schedule=False)
-  if _base.is_concrete(value) and not math.isfinite(float(jnp.asarray(value))):
-    raise ValueError(f"{name}={value} must be finite")
+from jax import lax
 
 
-def _check_positive(name: str, value: Any) -> None:
-  _base.check_number(name, value, minimum=0.0, strict_min=True, allow_schedule=False)
-  if _base.is_concrete(value) and not math.isfinite(float(jnp.asarray(value))):
-    raise ValueError(f"{name}={value} must be finite")
+def _check(name: str, value: Any, *, positive: bool = False) -> None:
+  """Validates a concrete argument: a finite number, ``>= 0`` (``> 0`` if ``positive``).
+
+  Tracers pass unchecked. The value is read with NumPy, never with a JAX
+  operation, so a schedule can also be built inside a traced function.
+  """
+  if callable(value):
+    raise ValueError(f"{name}={value!r} must be a number, not a schedule")
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    array = np.asarray(value)
+  except TypeError:
+    raise ValueError(f"{name}={value!r} must be a number") from None
+  if array.ndim != 0:
+    raise ValueError(f"{name}={value!r} must be a scalar")
+  if not (jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)):
+    raise ValueError(f"{name}={value!r} must be a number")
+  number = float(array)
+  shown = value if isinstance(value, (int, float)) else number
+  if math.isnan(number):
+    raise ValueError(f"{name}={shown} must not be NaN")
+  if positive and not number > 0:
+    raise ValueError(f"{name}={shown} must be > 0")
+  if not number >= 0:
+    raise ValueError(f"{name}={shown} must be >= 0")
+  if math.isinf(number):
+    raise ValueError(f"{name}={shown} must be finite")
+
+
+def _constants(*values: jax.typing.ArrayLike) -> tuple[jax.Array, ...]:
+  """The schedule's arguments as float32 values that XLA may not fold into constants.
+
+  Under ``jit``, XLA rewrites arithmetic on constants (``(x / c)**2`` becomes
+  ``x * x * (1 / c**2)``), which moves results off the exact value by an ulp or
+  more: step 0 would no longer give ``init_value``. The barrier keeps the
+  formula evaluated as written, so jitted and eager values agree exactly.
+  """
+  return lax.optimization_barrier(tuple(_f32(v) for v in values))
 
 
 def _f32(value: jax.typing.ArrayLike) -> jax.Array:
@@ -85,16 +113,15 @@ def polynomial_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing.A
     Liu, Rabinovich and Berg, `ParseNet: Looking Wider to See Better
     <https://arxiv.org/abs/1506.04579>`_, 2015 (the "poly" learning-rate policy).
   """
-  _check_value("init_value", init_value)
-  _check_positive("decay_steps", decay_steps)
-  _base.check_number("power", power, allow_schedule=False)
-  _check_value("end_value", end_value)
+  _check("init_value", init_value)
+  _check("decay_steps", decay_steps, positive=True)
+  _check("power", power)
+  _check("end_value", end_value)
   exponent = _exponent(power)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    steps = _f32(decay_steps)
+    init, end, steps = _constants(init_value, end_value, decay_steps)
     remaining = (steps - jnp.minimum(_step(count), steps)) / steps
-    init, end = _f32(init_value), _f32(end_value)
     return (init - end) * remaining**exponent + end
 
   return schedule
@@ -135,12 +162,12 @@ def inverse_sqrt_decay(init_value: jax.typing.ArrayLike,
     <https://arxiv.org/abs/1706.03762>`_, 2017 (the inverse square-root
     learning-rate decay).
   """
-  _check_value("init_value", init_value)
-  _check_positive("timescale", timescale)
+  _check("init_value", init_value)
+  _check("timescale", timescale, positive=True)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    tau = _f32(timescale)
-    return _f32(init_value) / jnp.sqrt((tau + _step(count)) / tau)
+    init, tau = _constants(init_value, timescale)
+    return init / jnp.sqrt((tau + _step(count)) / tau)
 
   return schedule
 
@@ -188,20 +215,20 @@ def inverse_time_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing
     Robbins and Monro, `A Stochastic Approximation Method
     <https://doi.org/10.1214/aoms/1177729586>`_, 1951.
   """
-  _check_value("init_value", init_value)
-  _check_positive("decay_steps", decay_steps)
-  _base.check_number("power", power, allow_schedule=False)
+  _check("init_value", init_value)
+  _check("decay_steps", decay_steps, positive=True)
+  _check("power", power)
   if not isinstance(staircase, bool):
     raise ValueError(f"{staircase=} must be a bool")
   exponent = _exponent(power)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    steps = _f32(decay_steps)
+    init, steps = _constants(init_value, decay_steps)
     t = _step(count)
     if staircase:
       growth = jnp.floor(t / steps) + jnp.ones((), jnp.float32)
     else:
       growth = (steps + t) / steps
-    return _f32(init_value) / growth**exponent
+    return init / growth**exponent
 
   return schedule
