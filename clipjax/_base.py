@@ -225,9 +225,16 @@ def apply_scale(updates: Any, scales: jax.Array) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """float32 for half-precision floats, the dtype itself otherwise."""
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    return jnp.dtype(jnp.float32)
+  return jnp.dtype(dtype)
+
+
 def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
   """``leaf * scale`` computed in at least float32, returned in ``leaf.dtype``."""
-  compute = jnp.promote_types(leaf.dtype, jnp.float32)
+  compute = compute_dtype(leaf.dtype)
   if compute == leaf.dtype:
     return leaf * jnp.asarray(scale).astype(leaf.dtype)
   return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)

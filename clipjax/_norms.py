@@ -77,8 +77,8 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> 
 
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
   """Whether a squared element of some leaf can exceed the accumulation range."""
-  acc_max = float(jnp.finfo(acc).max)
-  return any(float(jnp.finfo(leaf.dtype).max) ** 2 > acc_max
+  acc_exp = jnp.finfo(acc).maxexp
+  return any(2 * jnp.finfo(leaf.dtype).maxexp > acc_exp
              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 

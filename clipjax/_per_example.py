@@ -28,7 +28,7 @@ def _multipliers(norms: jax.Array, clip_norm: jax.typing.ArrayLike) -> jax.Array
 
 
 def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
-  compute = jnp.promote_types(g.dtype, jnp.float32)
+  compute = _base.compute_dtype(g.dtype)
   summed = jnp.tensordot(multipliers.astype(compute), g.astype(compute), axes=1)
   return summed.astype(g.dtype)
 

@@ -1,0 +1,152 @@
+"""global_norm, leaf_norms and unitwise_norm against NumPy float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import clipjax
+from clipjax import _norms
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+ORDS = [1, 2, np.inf]
+
+
+def random_tree(seed, dtype=jnp.float32, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {
+      "dense": {"kernel": jnp.asarray(rng.normal(size=(7, 5)) * scale, dtype),
+                "bias": jnp.asarray(rng.normal(size=(5,)) * scale, dtype)},
+      "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4)) * scale, dtype),
+      "scalar": jnp.asarray(rng.normal() * scale, dtype),
+  }
+
+
+def np_norm(tree, ord):
+  """float64 reference over the values the arrays actually hold."""
+  flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+  largest = np.max(np.abs(flat), initial=0.0)
+  if ord == np.inf or largest == 0.0 or not np.isfinite(largest):
+    return largest
+  # Scaled by the largest magnitude so that the float64 reference cannot overflow.
+  return largest * np.sum((np.abs(flat) / largest) ** ord) ** (1.0 / ord)
+
+
+def np_leaf_norms(tree, ord):
+  return np.array([np_norm([x], ord) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_matches_float64_reference(dtype, ord):
+  tree = random_tree(0, dtype, scale=3.0)
+  got = clipjax.global_norm(tree, ord=ord)
+  assert got.dtype == jnp.float32
+  # float32 accumulation of values held exactly: relative error ~1e-6 whatever the input dtype.
+  np.testing.assert_allclose(float(got), np_norm(tree, ord), rtol=2e-6)
+  np.testing.assert_allclose(float(jax.jit(clipjax.global_norm, static_argnums=1)(tree, ord)),
+                             np_norm(tree, ord), rtol=2e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_leaf_norms_match_reference(ord):
+  tree = random_tree(1)
+  np.testing.assert_allclose(np.asarray(clipjax.leaf_norms(tree, ord=ord)),
+                             np_leaf_norms(tree, ord), rtol=2e-6)
+
+
+def test_float16_sum_of_squares_does_not_overflow():
+  grads = {"w": jnp.full((1000,), 300.0, jnp.float16)}
+  # float16 accumulation overflows at 65504: optax.tree.norm returns inf here.
+  assert not np.isfinite(float(optax.tree.norm(grads)))
+  np.testing.assert_allclose(float(clipjax.global_norm(grads)), 300.0 * np.sqrt(1000.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("ord", [1, 2])
+def test_squares_beyond_float32_range_use_the_rescaled_pass(dtype, ord):
+  # 1e30**2 overflows float32; the norm itself (1e31) does not.
+  tree = {"big": jnp.full((100,), 1e30, dtype), "small": jnp.full((3,), 2.0, dtype)}
+  expected = np_norm(tree, ord)
+  np.testing.assert_allclose(float(clipjax.global_norm(tree, ord=ord)), expected, rtol=2e-6)
+  np.testing.assert_allclose(float(jax.jit(clipjax.global_norm)(tree)), np_norm(tree, 2),
+                             rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(clipjax.leaf_norms(tree, ord=ord)),
+                             np_leaf_norms(tree, ord), rtol=2e-6)
+
+
+def test_norm_beyond_float32_range_is_inf():
+  tree = [jnp.full((4,), 3e38, jnp.float32)]
+  assert float(clipjax.global_norm(tree)) == np.inf
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("ord", ORDS)
+def test_non_finite_values_give_non_finite_norm(bad, ord):
+  tree = {"a": jnp.array([1.0, bad]), "b": jnp.ones(3)}
+  assert not np.isfinite(float(clipjax.global_norm(tree, ord=ord)))
+  leaves = np.asarray(clipjax.leaf_norms(tree, ord=ord))
+  assert not np.isfinite(leaves[0]) and leaves[1] == pytest.approx(np_norm([np.ones(3)], ord))
+
+
+def test_empty_and_zero_trees():
+  assert float(clipjax.global_norm({})) == 0.0
+  assert clipjax.leaf_norms({}).shape == (0,)
+  zeros = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((0,))}
+  for ord in ORDS:
+    assert float(clipjax.global_norm(zeros, ord=ord)) == 0.0
+
+
+def test_mixed_dtypes_in_one_tree():
+  tree = {"a": jnp.full((10,), 300.0, jnp.float16), "b": jnp.full((10,), 1e20, jnp.bfloat16),
+          "c": jnp.arange(4.0, dtype=jnp.float32)}
+  np.testing.assert_allclose(float(clipjax.global_norm(tree)), np_norm(tree, 2), rtol=2e-6)
+
+
+def test_float64_under_x64_accumulates_in_float64():
+  with jax.enable_x64(True):
+    tree = {"a": jnp.asarray(np.linspace(-1.0, 1.0, 101), jnp.float64) * 1e200}
+    got = clipjax.global_norm(tree)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(float(got), np_norm(tree, 2), rtol=1e-12)
+
+
+def test_string_inf_and_invalid_ord():
+  assert _norms.check_ord("inf") == np.inf
+  assert _norms.check_ord(2.0) == 2
+  for bad in [3, 0, -1, "two", None]:
+    with pytest.raises(ValueError, match="ord="):
+      clipjax.global_norm({"a": jnp.ones(2)}, ord=bad)
+
+
+def test_replicated_must_be_a_prefix_of_bools():
+  tree = {"a": jnp.ones(2), "b": {"c": jnp.ones(2), "d": jnp.ones(2)}}
+  assert _norms.replicated_mask(tree, {"a": True, "b": False}) == [True, False, False]
+  assert _norms.replicated_mask(tree, True) == [True, True, True]
+  with pytest.raises(ValueError, match="replicated="):
+    _norms.replicated_mask(tree, {"a": True, "x": False})
+  with pytest.raises(ValueError, match="replicated="):
+    _norms.replicated_mask(tree, {"a": 1, "b": False})
+
+
+@pytest.mark.parametrize("shape,axis", [((5,), None), ((1, 5), None), ((4, 3), None),
+                                         ((2, 4, 3), None), ((3, 3, 2, 4), None),
+                                         ((2, 2, 2, 3, 4), None), ((4, 3), 1), ((3, 2, 6), (0, 2))])
+def test_unitwise_norm_matches_optax_and_numpy(shape, axis):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+  got = clipjax.unitwise_norm(x, axis=axis)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(optax.transforms.unitwise_norm(x, axis=axis)),
+                             rtol=1e-6)
+  axes = _norms.unit_axes(x, axis)
+  x64 = np.asarray(x, np.float64)
+  expected = np.broadcast_to(np.sqrt(np.sum(x64**2, axis=axes, keepdims=True)), shape)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6)
+
+
+def test_unitwise_norm_float16_does_not_overflow_and_rank_6_needs_axis():
+  x = jnp.full((1000, 2), 300.0, jnp.float16)
+  np.testing.assert_allclose(np.asarray(clipjax.unitwise_norm(x))[0], 300.0 * np.sqrt(1000.0),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="axis="):
+    clipjax.unitwise_norm(jnp.ones((2,) * 6))
