@@ -1,0 +1,317 @@
+"""Clipping across 8 CPU devices: shard_map (1-D and 2-D meshes), pmap and sharded jit.
+
+Every norm-based clipper must give, on gradients spread over devices with a mix of
+sharded and replicated leaves, what it gives on the full unsharded arrays (states
+included, over several steps), with exactly one all-reduce per update; under plain
+``jit`` with sharded arrays it must neither all-gather nor reshard.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import clipjax
+from _dist_cases import ORDS
+from _dist_cases import all_cases
+from _dist_cases import bundle
+from _dist_cases import groups
+from _dist_cases import assert_tree_close
+from _dist_cases import compiled_texts
+from _dist_cases import count_all_gather
+from _dist_cases import count_all_reduce
+from _dist_cases import count_lowered_all_reduce
+from _dist_cases import fixed_cases
+from _dist_cases import make
+from _dist_cases import np_global_norm
+from _dist_cases import np_leaf_norms
+from _dist_cases import place
+from _dist_cases import random_tree
+from _dist_cases import run_unsharded
+from _dist_cases import step_trees
+from _dist_cases import threshold_for
+
+PMAP_WARNING = "ignore:.*pmap.*:DeprecationWarning"
+GROUPS = groups()
+
+# One gradient tree for every layout: three sharded leaves, two replicated ones.
+SHAPES = {"kernel": (16, 6), "proj": (5, 24), "emb": (8, 3, 2), "bias": (6,), "gain": ()}
+REPLICATED = {"kernel": False, "proj": False, "emb": False, "bias": True, "gain": True}
+# 1-D mesh of 8: leaves sharded along different dimensions.
+SPECS_1D = {"kernel": P("d"), "proj": P(None, "d"), "emb": P("d"), "bias": P(), "gain": P()}
+# 2-D mesh (2, 4): leaves sharded over both axes, in both orders.
+SPECS_2D = {"kernel": P("b", "a"), "proj": P(None, ("a", "b")), "emb": P(("b", "a")),
+            "bias": P(), "gain": P()}
+# Tensor-parallel rows: sharded over "b" only, each row of "a" holds its own gradients.
+SPECS_ROW = {"kernel": P("b"), "proj": P(None, "b"), "emb": P("b"), "bias": P(), "gain": P()}
+SEED = 10
+
+
+def _is_spec(x):
+  return isinstance(x, P)
+
+
+@pytest.fixture(scope="module")
+def mesh_1d():
+  return jax.make_mesh((8,), ("d",))
+
+
+@pytest.fixture(scope="module")
+def mesh_2d():
+  return jax.make_mesh((2, 4), ("a", "b"))
+
+
+@functools.cache
+def _steps(seed, factor=1.0):
+  return [jax.tree.map(lambda x: x * np.float32(factor), t) for t in step_trees(seed, SHAPES)]
+
+
+def _thresholds(group):
+  """Thresholds far from every norm of the first step of ``SEED``, used by every run."""
+  first = _steps(SEED)[0]
+  return [threshold_for(name, first, o) for name, o in GROUPS[group]]
+
+
+@functools.cache
+def _expected(group, seed, factor=1.0):
+  """The unsharded run of every clipper of ``group``, step by step (shared by the tests)."""
+  steps = _steps(seed, factor)
+  return run_unsharded(bundle(GROUPS[group], _thresholds(group)), steps)
+
+
+def _check(group, seed, actual, what, factor=1.0):
+  """Compares ``actual`` [(updates tuple, states tuple)] with the unsharded run."""
+  steps = _steps(seed, factor)
+  expected = _expected(group, seed, factor)
+  assert len(actual) == len(steps)
+  for k, (name, o) in enumerate(GROUPS[group]):
+    case = f"{what} {name} ord={o}"
+    for i, ((u, s), (ue, se), grads) in enumerate(zip(actual, expected, steps)):
+      assert_tree_close(u[k], ue[k], what=f"{case} step {i} updates")
+      assert_tree_close(s[k], se[k], what=f"{case} step {i} state")
+      if name == "clip_by_global_norm":
+        np.testing.assert_allclose(s[k].stats.norm, np_global_norm(grads, o), rtol=1e-5)
+      elif name == "clip_by_norm":
+        np.testing.assert_allclose(s[k].stats.norm, np_leaf_norms(grads, o).max(), rtol=1e-5)
+    # Each case must clip at least once, or it proves nothing.
+    assert any(bool(s[k].stats.clipped) for _, s in expected), f"{case}: never clipped"
+
+
+def _run_shard_map(tx, steps, specs, mesh, n_out):
+  out_specs = tuple(specs for _ in range(n_out))
+  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P()),
+                               out_specs=(out_specs, P())))
+  state = jax.device_put(tx.init(steps[0]), NamedSharding(mesh, P()))
+  out = []
+  for grads in steps:
+    updates, state = step(place(grads, specs, mesh), state)
+    for leaf, spec in zip(jax.tree.leaves(updates),
+                          jax.tree.leaves(out_specs, is_leaf=_is_spec)):
+      assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), spec
+    out.append(jax.device_get((updates, state)))
+  return out
+
+
+# Norms against NumPy ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_norms_under_shard_map_match_numpy(mesh_1d, ord):
+  tree = random_tree(0, SHAPES)
+  tree["bias"] = tree["bias"] * np.float32(50.0)  # a large replicated leaf, so miscounting shows
+
+  def norms(t):
+    m = clipjax.leaf_norms(t, ord, axis_name="d", replicated=REPLICATED)
+    g = clipjax.global_norm(t, ord, axis_name="d", replicated=REPLICATED)
+    return m, g
+
+  f = jax.jit(jax.shard_map(norms, mesh=mesh_1d, in_specs=(SPECS_1D,), out_specs=(P(), P())))
+  leaf, total = f(place(tree, SPECS_1D, mesh_1d))
+  np.testing.assert_allclose(leaf, np_leaf_norms(tree, ord), rtol=1e-5)
+  np.testing.assert_allclose(total, np_global_norm(tree, ord), rtol=1e-5)
+
+
+def test_replicated_leaf_counted_once_and_unmarked_counted_per_device(mesh_1d):
+  """A replicated leaf only counts once when marked; unmarked, each device adds it."""
+  tree = {"w": np.arange(16.0, dtype=np.float32).reshape(8, 2),
+          "b": np.array([1.0, 2.0, 3.0], np.float32)}
+  specs = {"w": P("d"), "b": P()}
+  placed = place(tree, specs, mesh_1d)
+
+  def norm_with(replicated):
+    f = jax.shard_map(lambda t: clipjax.global_norm(t, axis_name="d", replicated=replicated),
+                      mesh=mesh_1d, in_specs=(specs,), out_specs=P())
+    return float(jax.jit(f)(placed))
+
+  w2 = float(np.sum(np.arange(16.0) ** 2))
+  np.testing.assert_allclose(norm_with({"w": False, "b": True}), np.sqrt(w2 + 14.0), rtol=1e-6)
+  np.testing.assert_allclose(norm_with(None), np.sqrt(w2 + 8 * 14.0), rtol=1e-6)
+
+
+# shard_map -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_shard_map_1d_matches_unsharded(mesh_1d, group):
+  steps = _steps(SEED)
+  tx = bundle(GROUPS[group], _thresholds(group), axis_name="d", replicated=REPLICATED)
+  actual = _run_shard_map(tx, steps, SPECS_1D, mesh_1d, len(GROUPS[group]))
+  _check(group, SEED, actual, "shard_map 1-D")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_shard_map_2d_tuple_axis_matches_unsharded(mesh_2d, group):
+  steps = _steps(SEED)
+  tx = bundle(GROUPS[group], _thresholds(group), axis_name=("a", "b"),
+              replicated=REPLICATED)
+  actual = _run_shard_map(tx, steps, SPECS_2D, mesh_2d, len(GROUPS[group]))
+  _check(group, SEED, actual, "shard_map 2-D")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_shard_map_2d_one_axis_clips_each_row(mesh_2d, group):
+  """axis_name="b" on a (2, 4) mesh: the norm spans "b" only; each "a" row clips alone."""
+  rows = [(SEED, 1.0), (SEED + 100, 3.0)]
+  tx = bundle(GROUPS[group], _thresholds(group), axis_name="b",
+              replicated=REPLICATED)
+  n_out = len(GROUPS[group])
+  row_specs = jax.tree.map(lambda s: P("a", *s), SPECS_ROW, is_leaf=_is_spec)
+  out_specs = tuple(row_specs for _ in range(n_out))
+
+  def per_row(updates, state):
+    first = lambda t: jax.tree.map(lambda x: x[0], t)
+    updates, state = tx.update(first(updates), first(state))
+    return jax.tree.map(lambda x: x[None], (updates, state))
+
+  step = jax.jit(jax.shard_map(per_row, mesh=mesh_2d, in_specs=(row_specs, P("a")),
+                               out_specs=(out_specs, P("a"))))
+  init = tx.init(_steps(SEED)[0])
+  state = jax.device_put(jax.tree.map(lambda x: jnp.stack([x, x]), init),
+                         NamedSharding(mesh_2d, P("a")))
+  actual = []
+  for grads0, grads1 in zip(*(_steps(*r) for r in rows)):
+    stacked = jax.tree.map(lambda x, y: np.stack([x, y]), grads0, grads1)
+    updates, state = step(place(stacked, row_specs, mesh_2d), state)
+    actual.append(jax.device_get((updates, state)))
+  for r, (seed, factor) in enumerate(rows):
+    pick = lambda t, r=r: jax.tree.map(lambda x: x[r], t)
+    _check(group, seed, [pick(a) for a in actual], f"row {r}", factor=factor)
+
+
+# pmap ------------------------------------------------------------------------------
+
+
+def _to_pmap(x, spec, n):
+  if spec == P():
+    return np.broadcast_to(x, (n, *np.shape(x)))
+  return np.stack(np.split(x, n, axis=list(spec).index("d")))
+
+
+def _from_pmap(y, spec):
+  y = np.asarray(y)
+  if spec == P():
+    for copy in y[1:]:  # every device must hold the same replicated result
+      np.testing.assert_array_equal(copy, y[0])
+    return y[0]
+  return np.concatenate(list(y), axis=list(spec).index("d"))
+
+
+@pytest.mark.filterwarnings(PMAP_WARNING)
+@pytest.mark.parametrize("group", GROUPS)
+def test_pmap_matches_unsharded(group):
+  steps = _steps(SEED)
+  n = jax.device_count()
+  tx = bundle(GROUPS[group], _thresholds(group), axis_name="i", replicated=REPLICATED)
+  step = jax.pmap(tx.update, axis_name="i")
+  state = jax.tree.map(lambda x: _to_pmap(x, P(), n), tx.init(steps[0]))
+  actual = []
+  for grads in steps:
+    updates, state = step(jax.tree.map(lambda x, s: _to_pmap(x, s, n), grads, SPECS_1D), state)
+    updates = tuple(jax.tree.map(_from_pmap, u, SPECS_1D) for u in updates)
+    actual.append((updates, jax.tree.map(lambda x: _from_pmap(x, P()), state)))
+  _check(group, SEED, actual, "pmap")
+
+
+# HLO: one all-reduce per update ----------------------------------------------------
+
+# Every clipper at 3 and at 64 leaves (ord 2), and the fixed ones at ord 1 and inf too
+# (psum and pmax paths).
+HLO_CASES = ([(name, o, n) for name, o in all_cases() if o == 2 for n in (3, 64)]
+             + [(name, o, 3) for name, o in fixed_cases() if o != 2])
+
+
+@pytest.mark.parametrize(("name", "ord", "n_leaves"), HLO_CASES)
+def test_one_all_reduce_per_update(mesh_1d, name, ord, n_leaves):
+  shapes = {f"w{i:02d}": (8 * (1 + i % 2),) for i in range(n_leaves)}
+  specs = {k: P("d") for k in shapes}
+  replicated = {k: False for k in shapes}
+  # One replicated leaf, so the index-0 masking is in the program too.
+  last = max(shapes)
+  specs[last], replicated[last] = P(), True
+  grads = random_tree(n_leaves, shapes)
+  tx = make(name, ord, 1.0, axis_name="d", replicated=replicated)
+  f = jax.shard_map(tx.update, mesh=mesh_1d, in_specs=(specs, P()), out_specs=(specs, P()))
+  args = (place(grads, specs, mesh_1d),
+          jax.device_put(tx.init(grads), NamedSharding(mesh_1d, P())))
+  lowered, compiled = compiled_texts(f, *args)
+  # Asked for once by the program (so XLA's combiner cannot hide several) ...
+  assert count_lowered_all_reduce(lowered) == 1
+  # ... and compiled to one.
+  assert count_all_reduce(compiled) == 1, compiled
+  assert count_all_gather(compiled) == 0
+
+
+def test_all_reduce_counter_counts_instructions_not_names():
+  text = ("%all-reduce.1 = f32[2,3]{1,0} all-reduce(f32[2,3]{1,0} %x), to_apply=%add\n"
+          "%all-reduce-start.2 = f32[4]{0} all-reduce-start(f32[4]{0} %y), to_apply=%add\n"
+          "%all-reduce-done.2 = f32[4]{0} all-reduce-done(f32[4]{0} %all-reduce-start.2)\n"
+          "%t = f32[2,3]{1,0} add(f32[2,3]{1,0} %all-reduce.1, f32[2,3]{1,0} %all-reduce.1)\n"
+          "%g = f32[8]{0} all-gather(f32[1]{0} %z), dimensions={0}\n")
+  assert count_all_reduce(text) == 2
+  assert count_all_gather(text) == 1
+
+
+# Sharded jit (GSPMD): no axis_name --------------------------------------------------
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_sharded_jit_keeps_shardings_and_never_all_gathers(mesh_2d, group):
+  steps = _steps(SEED)
+  tx = bundle(GROUPS[group], _thresholds(group))
+  update = jax.jit(tx.update)
+  state = tx.init(steps[0])
+  actual = []
+  for i, grads in enumerate(steps):
+    placed = place(grads, SPECS_2D, mesh_2d)
+    if i == 0:
+      update = update.lower(placed, state).compile()
+      text = update.as_text()
+      assert count_all_gather(text) == 0, text
+      assert "all-to-all(" not in text and "collective-permute(" not in text
+    updates, state = update(placed, state)
+    for u in updates:
+      for out, x in zip(jax.tree.leaves(u), jax.tree.leaves(placed)):
+        assert out.sharding.is_equivalent_to(x.sharding, x.ndim), (out.sharding, x.sharding)
+    actual.append(jax.device_get((updates, state)))
+  _check(group, SEED, actual, "sharded jit")
+
+
+# inject_hyperparams injects ``ord`` as a traced value --------------------------------
+
+
+def test_inject_hyperparams_under_shard_map(mesh_1d):
+  steps = _steps(SEED)
+  threshold = 0.5 * np_global_norm(steps[0], 2)
+  inner = optax.inject_hyperparams(clipjax.clip_by_global_norm)(
+      max_norm=threshold, axis_name="d", replicated=REPLICATED)
+  tx = optax.GradientTransformation(inner.init, lambda u, s, p=None: ((inner.update(u, s)[0],),
+                                                                      inner.update(u, s)[1]))
+  out = _run_shard_map(tx, steps, SPECS_1D, mesh_1d, 1)
+  expected = run_unsharded(clipjax.clip_by_global_norm(threshold), steps)
+  for (u, _), (ue, _) in zip(out, expected):
+    assert_tree_close(u[0], ue)
