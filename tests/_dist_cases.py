@@ -178,6 +178,27 @@ def count_lowered_all_reduce(stablehlo_text: str) -> int:
   return len(_STABLEHLO_ALL_REDUCE.findall(stablehlo_text))
 
 
+def all_reduce_branches(hlo_text: str) -> list[tuple[str, ...]]:
+  """For each ``conditional`` whose branches hold all-reduces, the branches holding one.
+
+  Also asserts that every all-reduce of the module sits in some conditional's branch.
+  """
+  owner, holders = None, []
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      owner = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+    elif _ALL_REDUCE.search(line):
+      holders.append(owner)
+  found = []
+  for branches in re.findall(r"branch_computations=\{([^}]*)\}", hlo_text):
+    names = tuple(n.strip() for n in branches.split(","))
+    inside = tuple(n for n in names if n in holders)
+    if inside:
+      found.append(inside)
+  assert sorted(h for group in found for h in group) == sorted(holders), (holders, found)
+  return found
+
+
 def compiled_texts(fn: Callable[..., Any], *args: Any) -> tuple[str, str]:
   """(lowered StableHLO, compiled HLO) of ``jax.jit(fn)`` at ``args``."""
   lowered = jax.jit(fn).lower(*args)

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import clipjax
 from _dist_cases import ORDS
 from _dist_cases import all_cases
+from _dist_cases import all_reduce_branches
 from _dist_cases import bundle
 from _dist_cases import groups
 from _dist_cases import assert_tree_close
@@ -315,3 +316,21 @@ def test_inject_hyperparams_under_shard_map(mesh_1d):
   expected = run_unsharded(clipjax.clip_by_global_norm(threshold), steps)
   for (u, _), (ue, _) in zip(out, expected):
     assert_tree_close(u[0], ue)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_inject_hyperparams_ord_runs_one_all_reduce(mesh_1d, ord):
+  """A traced ``ord`` picks psum or pmax at run time: two branches, one all-reduce runs."""
+  grads = random_tree(3, {"w": (16,), "b": (3,)})
+  specs = {"w": P("d"), "b": P()}
+  tx = optax.inject_hyperparams(clipjax.clip_by_global_norm)(
+      max_norm=1.0, ord=ord, axis_name="d", replicated={"w": False, "b": True})
+  f = jax.shard_map(tx.update, mesh=mesh_1d, in_specs=(specs, P()), out_specs=(specs, P()))
+  args = (place(grads, specs, mesh_1d),
+          jax.device_put(tx.init(grads), NamedSharding(mesh_1d, P())))
+  lowered, compiled = compiled_texts(f, *args)
+  assert count_lowered_all_reduce(lowered) == 2
+  assert count_all_reduce(compiled) == 2
+  assert [len(b) for b in all_reduce_branches(compiled)] == [2], compiled
+  _, state = jax.jit(f)(*args)
+  np.testing.assert_allclose(state.inner_state.stats.norm, np_global_norm(grads, ord), rtol=1e-5)
