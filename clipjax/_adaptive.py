@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import _base
@@ -46,10 +47,10 @@ def _check_steps(name: str, value: Any, *, minimum: int) -> int | None:
     raise ValueError(f"{name}={value!r} must be an int")
   if not isinstance(value, int):
     try:
-      array = jnp.asarray(value)
+      array = np.asarray(value)
     except TypeError:
       raise ValueError(f"{name}={value!r} must be an int") from None
-    if array.ndim != 0 or not jnp.issubdtype(array.dtype, jnp.integer):
+    if array.ndim != 0 or not np.issubdtype(array.dtype, np.integer):
       raise ValueError(f"{name}={value!r} must be an int")
     value = int(array)
   if value < minimum:
