@@ -1,0 +1,320 @@
+"""The shared composition suite: every exported transform with optax, Flax and checkpoints.
+
+Each transform of ``registry.ENTRIES`` is run through every case below; a case
+checks values against a reference (the clipper and the optimizer applied one
+after the other, the transform rebuilt with the new hyperparameter, the
+clipper applied to the mean gradient, ...), not only that it runs. Jitted
+functions are cached per transform and shared between cases, to keep the
+suite's compile time small.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+import clipjax
+import registry
+
+RTOL = 1e-6  # float32
+ATOL = 1e-7  # float32 results of order 0.1-10; a last-bit difference near zero
+ENTRIES = registry.ENTRIES
+BY_ID = {entry.id: entry for entry in ENTRIES}
+IDS = list(BY_ID)
+
+# The tiny model every case uses: a Flax Dense layer, 3 inputs, 2 outputs.
+MODEL = nn.Dense(2)
+_X = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+PARAMS = MODEL.init(jax.random.key(0), _X)
+# Four gradients of the model's shape, growing to a spike, so every clipper clips at the end.
+_SCALES = [3.0, 5.0, 4.0, 40.0]
+
+
+def _grads(seed: int, scale: float):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), jnp.float32),
+                      PARAMS)
+
+
+GRADS = [_grads(i + 1, s) for i, s in enumerate(_SCALES)]
+OPTIMIZERS = {
+    "sgd_momentum": optax.sgd(0.1, momentum=0.9),
+    "adam": optax.adam(0.01),
+    "adamw": optax.adamw(0.01, weight_decay=0.1),
+    "rmsprop": optax.rmsprop(0.01),
+    "adagrad": optax.adagrad(0.1),
+}
+
+
+# Cached transforms and jitted functions, shared between cases -----------------------
+
+
+@functools.cache
+def _tx(entry_id: str) -> optax.GradientTransformation:
+  return BY_ID[entry_id].build()
+
+
+@functools.cache
+def _update(entry_id: str):
+  """The transform's own jitted update: the reference most cases compare with."""
+  return jax.jit(_tx(entry_id).update)
+
+
+@functools.cache
+def _optimizer_update(name: str):
+  return jax.jit(OPTIMIZERS[name].update)
+
+
+def _run(update, state, grads, params=PARAMS):
+  for g in grads:
+    _, state = update(g, state, params)
+  return state
+
+
+def _assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.dtype == e.dtype and a.shape == e.shape
+    if np.issubdtype(a.dtype, np.inexact):
+      np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+    else:
+      np.testing.assert_array_equal(a, e)
+
+
+def _assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    assert np.asarray(a).dtype == np.asarray(e).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def _finite(tree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def _clipped(entry_id: str, state) -> bool:
+  return any(bool(v) for k, v in clipjax.clip_stats(state).items() if k.endswith("/clipped"))
+
+
+# The registry -----------------------------------------------------------------------
+
+
+def test_registry_covers_every_exported_transform():
+  exported = registry.exported_transforms()
+  assert {"clip", "clip_by_norm", "clip_by_global_norm", "clipped"} <= exported
+  missing = exported - {entry.name for entry in ENTRIES}
+  assert not missing, f"add these transforms to tests/registry.py: {sorted(missing)}"
+  # Every declared entry whose transform is exported runs (nothing declared is filtered out).
+  assert {e.name for e in ENTRIES} == {n for n in registry.DECLARED if hasattr(clipjax, n)}
+
+
+@pytest.mark.parametrize("entry_id", [e.id for e in ENTRIES if e.needs_params])
+def test_transforms_that_need_params_say_so(entry_id):
+  tx = _tx(entry_id)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(GRADS[0], tx.init(PARAMS))
+
+
+# optax.chain with optimizers -----------------------------------------------------------
+
+
+@functools.cache
+def _chain_steps(entry_id: str):
+  """Four jitted steps of ``chain(clipper, optimizer)`` for every optimizer at once.
+
+  One program per transform for the five optimizers (five separate ones cost
+  four times the compile time). Returns, per optimizer, the state before the
+  last step and that step's updates and new state. optax's Adam raises a float
+  to an int32 count, so this runs under standard promotion; the clipper's own
+  code is held to strict promotion by the other cases.
+  """
+  chains = {name: optax.chain(_tx(entry_id), opt) for name, opt in OPTIMIZERS.items()}
+
+  @jax.jit
+  def step(g, states):
+    return {name: chain.update(g, states[name], PARAMS) for name, chain in chains.items()}
+
+  with jax.numpy_dtype_promotion("standard"):
+    states = {name: chain.init(PARAMS) for name, chain in chains.items()}
+    for g in GRADS[:3]:  # fill momenta and running statistics
+      states = {name: new for name, (_, new) in step(g, states).items()}
+    last = step(GRADS[3], states)
+  return {name: (states[name], *last[name]) for name in chains}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("entry_id", IDS)
+def test_chain_with_optimizer_equals_clipper_then_optimizer(entry_id, optimizer):
+  state, updates, new_state = _chain_steps(entry_id)[optimizer]
+  assert _finite(updates)
+  clipped, clip_state = _update(entry_id)(GRADS[3], state[0], PARAMS)
+  with jax.numpy_dtype_promotion("standard"):  # optax's Adam, as above
+    expected, opt_state = _optimizer_update(optimizer)(clipped, state[1], PARAMS)
+  _assert_trees_close(updates, expected)
+  _assert_trees_close(new_state, (clip_state, opt_state))
+  # The spike was clipped: the chain did not bypass the clipper.
+  assert _clipped(entry_id, new_state)
+
+
+# optax.inject_hyperparams -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_inject_hyperparams_changes_take_effect_under_jit(entry_id):
+  entry = BY_ID[entry_id]
+  name, value = entry.hyper
+  tx = optax.inject_hyperparams(entry.make, static_args=entry.static_args)(**entry.kwargs)
+  step = jax.jit(tx.update)
+  state = _run(step, tx.init(PARAMS), GRADS[:3])
+  assert name in state.hyperparams
+  old = state.hyperparams[name]
+  state.hyperparams[name] = jnp.full_like(old, value)
+  updates, new_state = step(GRADS[3], state, PARAMS)
+  # Reference: the transform built with the new value, from the same inner state.
+  direct = entry.build(**{name: value})
+  expected, expected_inner = jax.jit(direct.update)(GRADS[3], state.inner_state, PARAMS)
+  _assert_trees_close(updates, expected)
+  _assert_trees_close(new_state.inner_state, expected_inner)
+  # The change mattered: the unchanged transform gives another result.
+  unchanged = _update(entry_id)(GRADS[3], state.inner_state, PARAMS)
+  assert not all(np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(unchanged), jax.tree.leaves((updates, new_state.inner_state)), strict=True))
+  if entry.bound is not None:  # a threshold: the updates now sit exactly on it
+    np.testing.assert_allclose(entry.bound(updates, PARAMS), value, rtol=RTOL)
+
+
+# optax.MultiSteps -----------------------------------------------------------------------
+
+
+@pytest.mark.loose_promotion  # optax.MultiSteps adds an int32 step count to float32 sums
+@pytest.mark.parametrize("entry_id", IDS)
+def test_multi_steps_clips_the_mean_gradient_every_fourth_step(entry_id):
+  tx = optax.MultiSteps(_tx(entry_id), every_k_schedule=4)
+  step = jax.jit(tx.update)
+  state = tx.init(PARAMS)
+  for g in GRADS[:3]:
+    updates, state = step(g, state, PARAMS)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(updates))
+  updates, state = step(GRADS[3], state, PARAMS)
+  assert int(state.gradient_step) == 1
+  mean = jax.tree.map(lambda *g: jnp.asarray(np.mean(np.stack(g).astype(np.float64), 0),
+                                             jnp.float32), *GRADS)
+  expected, inner = _update(entry_id)(mean, _tx(entry_id).init(PARAMS), PARAMS)
+  # MultiSteps averages in float32 as it goes: a few ulps from the float64 mean.
+  _assert_trees_close(updates, expected, rtol=1e-5, atol=1e-6)
+  _assert_trees_close(state.inner_opt_state, inner, rtol=1e-5, atol=1e-6)
+
+
+# optax.masked ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_masked_leaves_pass_unchanged(entry_id):
+  mask = {"params": {"bias": False, "kernel": True}}
+  tx = optax.masked(_tx(entry_id), mask)
+  step = jax.jit(tx.update)
+  state = _run(step, tx.init(PARAMS), GRADS[:3])
+  g = GRADS[3]
+  updates, _ = step(g, state, PARAMS)
+  np.testing.assert_array_equal(np.asarray(updates["params"]["bias"]),
+                                np.asarray(g["params"]["bias"]))
+  # The kernel is clipped as if it were the whole tree, from the same inner state.
+  sub = {"params": {"kernel": g["params"]["kernel"]}}
+  sub_params = {"params": {"kernel": PARAMS["params"]["kernel"]}}
+  expected, _ = jax.jit(_tx(entry_id).update)(sub, state.inner_state, sub_params)
+  np.testing.assert_allclose(np.asarray(updates["params"]["kernel"]),
+                             np.asarray(expected["params"]["kernel"]), rtol=RTOL, atol=ATOL)
+  assert not np.allclose(np.asarray(updates["params"]["kernel"]),
+                         np.asarray(g["params"]["kernel"]))
+
+
+# optax.apply_if_finite ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_apply_if_finite_skips_a_nan_step_without_advancing_the_clipper(entry_id):
+  tx = optax.apply_if_finite(_tx(entry_id), max_consecutive_errors=3)
+  step = jax.jit(tx.update)
+  _, state = step(GRADS[0], tx.init(PARAMS), PARAMS)
+  before = state.inner_state
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), GRADS[1])
+  updates, state = step(bad, state, PARAMS)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(updates))
+  assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
+  _assert_trees_equal(state.inner_state, before)
+  # The next finite step continues from the state before the NaN step.
+  updates, state = step(GRADS[2], state, PARAMS)
+  expected, inner = _update(entry_id)(GRADS[2], before, PARAMS)
+  _assert_trees_close(updates, expected)
+  _assert_trees_close(state.inner_state, inner)
+
+
+# Flax TrainState -------------------------------------------------------------------------
+
+_Y = jnp.asarray(np.random.default_rng(1).normal(size=(5, 2)) * 30.0, jnp.float32)
+
+
+def _loss(params, apply_fn):
+  return jnp.mean((apply_fn(params, _X) - _Y) ** 2)
+
+
+@jax.jit
+def _train_step(state):
+  return state.apply_gradients(grads=jax.grad(_loss)(state.params, state.apply_fn))
+
+
+@pytest.mark.loose_promotion  # flax.linen.Dense promotes its inputs implicitly
+@pytest.mark.parametrize("entry_id", IDS)
+def test_flax_train_state_step(entry_id):
+  tx = optax.chain(_tx(entry_id), optax.sgd(0.1))
+  state = train_state.TrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
+  new = _train_step(state)
+  assert int(new.step) == 1
+  grads = jax.jit(jax.grad(_loss), static_argnums=1)(PARAMS, MODEL.apply)
+  clipped, clip_state = _update(entry_id)(grads, state.opt_state[0], PARAMS)
+  expected = jax.tree.map(lambda p, u: p - 0.1 * u, PARAMS, clipped)
+  _assert_trees_close(new.params, expected)
+  _assert_trees_close(new.opt_state[0], clip_state)
+
+
+# Checkpoints: flatten / unflatten, a round trip through NumPy ---------------------------
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_state_survives_flatten_and_numpy_round_trip(entry_id):
+  step = _update(entry_id)
+  state = _run(step, _tx(entry_id).init(PARAMS), GRADS[:2])
+  leaves, treedef = jax.tree.flatten(state)
+  rebuilt = jax.tree.unflatten(treedef, leaves)
+  as_numpy = jax.tree.map(np.asarray, state)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(as_numpy))
+  restored = jax.tree.map(jnp.asarray, as_numpy)
+  assert jax.tree.structure(restored) == treedef
+  expected = step(GRADS[2], state, PARAMS)
+  _assert_trees_equal(step(GRADS[2], rebuilt, PARAMS), expected)
+  _assert_trees_equal(step(GRADS[2], restored, PARAMS), expected)
+
+
+# jit with donated buffers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_jit_with_donated_state_and_updates(entry_id):
+  tx = _tx(entry_id)
+  state = _run(_update(entry_id), tx.init(PARAMS), GRADS[:2])
+  expected = _update(entry_id)(GRADS[2], state, PARAMS)
+  copy = functools.partial(jax.tree.map, jnp.copy)
+  grads, donated_state = copy(GRADS[2]), copy(state)
+  donating = jax.jit(tx.update, donate_argnums=(0, 1))
+  result = donating(grads, donated_state, PARAMS)
+  _assert_trees_equal(result, expected)
+  assert all(x.is_deleted() for x in jax.tree.leaves(grads))
+  # The donated input is consumed; the next step runs from the returned state.
+  _assert_trees_equal(donating(copy(GRADS[3]), result[1], PARAMS),
+                      _update(entry_id)(GRADS[3], expected[1], PARAMS))
