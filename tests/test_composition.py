@@ -318,3 +318,56 @@ def test_jit_with_donated_state_and_updates(entry_id):
   # The donated input is consumed; the next step runs from the returned state.
   _assert_trees_equal(donating(copy(GRADS[3]), result[1], PARAMS),
                       _update(entry_id)(GRADS[3], expected[1], PARAMS))
+
+
+# clipped(): Keras' clipnorm, clipvalue and global_clipnorm ----------------------------------
+
+
+def _keras_np(option, c, grads):
+  """Keras' rules in float64: per variable, per element, or over all variables."""
+  g = [np.asarray(x, np.float64) for x in grads]
+  if option == "clipnorm":
+    return [x * c / max(np.linalg.norm(x.ravel()), c) for x in g]
+  if option == "clipvalue":
+    return [np.clip(x, -c, c) for x in g]
+  total = np.sqrt(sum(np.sum(x * x) for x in g))
+  return [x * c / max(total, c) for x in g]
+
+
+@pytest.mark.parametrize("option, name", [("clipnorm", "clip_by_norm"), ("clipvalue", "clip"),
+                                          ("global_clipnorm", "clip_by_global_norm")])
+def test_clipped_follows_keras(option, name):
+  grads = [jnp.array([3.0, -4.0, 12.0]), jnp.array([[0.5, -0.25], [0.1, 0.2]])]
+  params = [jnp.zeros(3), jnp.zeros((2, 2))]
+  tx = clipjax.clipped(optax.sgd(0.5), **{option: 2.0})
+  state = tx.init(params)
+  assert len(state) == 2  # optax.chain(clipper, sgd)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  for got, want in zip(updates, _keras_np(option, 2.0, grads), strict=True):
+    np.testing.assert_allclose(np.asarray(got), -0.5 * want, rtol=RTOL)
+  stats = clipjax.clip_stats(state)
+  assert bool(stats[f"{name}/clipped"]) and float(stats[f"{name}/threshold"]) == 2.0
+
+
+def test_clipped_without_options_returns_the_optimizer_itself():
+  tx = optax.adam(0.1)
+  assert clipjax.clipped(tx) is tx
+  assert clipjax.clipped(tx, clipnorm=None, clipvalue=None, global_clipnorm=None) is tx
+
+
+@pytest.mark.parametrize("options", [
+    {"clipnorm": 1.0, "clipvalue": 0.5},
+    {"clipnorm": 1.0, "global_clipnorm": 1.0},
+    {"clipvalue": 0.5, "global_clipnorm": 2.0},
+    {"clipnorm": 1.0, "clipvalue": 0.5, "global_clipnorm": 2.0},
+])
+def test_clipped_rejects_more_than_one_option(options):
+  shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+  with pytest.raises(ValueError, match=f"at most one of .*; got {shown}$"):
+    clipjax.clipped(optax.sgd(0.1), **options)
+
+
+@pytest.mark.parametrize("option", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_clipped_names_the_option_in_errors(option):
+  with pytest.raises(ValueError, match=f"^{option}=-1.0 must be >= 0$"):
+    clipjax.clipped(optax.sgd(0.1), **{option: -1.0})
