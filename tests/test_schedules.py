@@ -257,8 +257,26 @@ def test_zclip_max_norm_follows_a_schedule():
   if not hasattr(clipjax, "zclip"):
     pytest.skip("clipjax.zclip is not exported yet")
   schedule = optax.linear_schedule(4.0, 1.0, 3)
-  # Steady norms fill the statistics; the cap applies on every step whatever the z-score.
+  # The cap applies on every step, warm-up included; a steady norm of 50 is never a z-spike,
+  # so the cap alone sets the output norm and the reported threshold.
   tx = clipjax.zclip(warmup_steps=2, max_norm=schedule)
   grads = {"w": jnp.array([30.0, 40.0])}
-  for t, (updates, _) in enumerate(_run(tx, grads, 5)):
-    assert _global(updates) <= float(schedule(t)) * (1 + F32_RTOL)
+  for t, (updates, state) in enumerate(_run(tx, grads, 5)):
+    np.testing.assert_allclose(_global(updates), float(schedule(t)), rtol=F32_RTOL)
+    np.testing.assert_allclose(float(clipjax.clip_stats(state)["zclip/threshold"]),
+                               float(schedule(t)), rtol=F32_RTOL)
+
+
+def test_adaptive_grad_clip_clipping_follows_a_schedule():
+  if not hasattr(clipjax, "adaptive_grad_clip"):
+    pytest.skip("clipjax.adaptive_grad_clip is not exported yet")
+  schedule = clipjax.inverse_sqrt_decay(0.5)
+  params = {"w": jnp.array([[3.0, 0.0], [4.0, 2.0]])}  # unit (column) norms 5 and 2
+  grads = {"w": jnp.array([[30.0, 3.0], [40.0, 4.0]])}  # unit norms 50 and 5: both clipped
+  for t, (updates, state) in enumerate(
+      _run(clipjax.adaptive_grad_clip(schedule), grads, 4, params=params)):
+    c = float(schedule(t))
+    # Each column is scaled to c times its parameter norm.
+    want = np.array([[30.0, 3.0], [40.0, 4.0]]) * np.array([c * 5.0 / 50.0, c * 2.0 / 5.0])
+    np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=F32_RTOL)
+    np.testing.assert_allclose(float(state.stats.threshold), c, rtol=F32_RTOL)
