@@ -76,15 +76,38 @@ class AdaptiveGradClipState(NamedTuple):
   stats: ClipStats
 
 
-def _unit_norms(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
-  """The L2 norm of each unit of ``x``, reduced over ``axes`` with ``keepdims``."""
+def _unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
+  """The sum of squares of each unit of ``x``, reduced over ``axes`` with ``keepdims``."""
   magnitude = jnp.abs(x).astype(acc)
-  return jnp.sqrt(jnp.sum(magnitude * magnitude, axis=axes, keepdims=True))
+  return jnp.sum(magnitude * magnitude, axis=axes, keepdims=True)
+
+
+def _reduce_units(squares: list[jax.Array], flags: list[bool], axis_name: _norms.AxisName
+                  ) -> list[jax.Array]:
+  """Sums per-unit partials over ``axis_name`` with ONE ``psum`` for all of them.
+
+  ``flags[i]`` marks a replicated array: only the device of index 0 contributes it.
+  """
+  if not squares:
+    return squares
+  flat = jnp.concatenate([q.ravel() for q in squares])
+  if any(flags):
+    sizes = [q.size for q in squares]
+    shared = jnp.asarray(np.repeat(np.asarray(flags, bool), sizes))
+    first = jax.lax.axis_index(axis_name) == 0
+    flat = jnp.where(~shared | first, flat, jnp.zeros((), flat.dtype))
+  flat = jax.lax.psum(flat, axis_name)
+  out, start = [], 0
+  for q in squares:
+    out.append(flat[start:start + q.size].reshape(q.shape))
+    start += q.size
+  return out
 
 
 def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
-                       axis: int | tuple[int, ...] | None = None
-                       ) -> optax.GradientTransformation:
+                       axis: int | tuple[int, ...] | None = None, *,
+                       axis_name: _norms.AxisName = None,
+                       replicated: Any = None) -> optax.GradientTransformation:
   """Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
 
   For every unit ``i`` (a slice of a leaf, see :func:`clipjax.unitwise_norm`)
@@ -110,6 +133,15 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
     axis: the axis or axes a unit is reduced over, for every leaf; ``None``
       (default) infers them from the rank as :func:`clipjax.unitwise_norm`.
       Pass it as a static argument to ``optax.inject_hyperparams``.
+    axis_name: mapped axis name(s) over which leaves are sharded *along their
+      unit axes* (every device holds a slice of every unit, e.g. an
+      ``(in, out)`` kernel sharded along ``in``). The per-unit partial sums of
+      gradients and parameters are then added over the devices with one
+      ``psum`` for the whole tree. With ``axis=None`` the unit axes are
+      inferred from each device's local shard: pass ``axis`` when a shard has
+      a dimension of size 1 that the full leaf does not.
+    replicated: pytree prefix of bools marking leaves that are the same on
+      every device of ``axis_name`` (not sharded); they are counted once.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -150,18 +182,23 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
       state = init_fn(None)
     limit_ratio = _base.resolve(clipping, state.count)
     grads, treedef = jax.tree.flatten(updates)
-    weights = treedef.flatten_up_to(params)
+    grads = [jnp.asarray(g) for g in grads]
+    weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
+    acc = _norms.accumulation_dtype(grads + weights)
+    axes = [_norms.unit_axes(g, axis) for g in grads]
+    squares = ([_unit_squares(g, a, acc) for g, a in zip(grads, axes)]
+               + [_unit_squares(w, a, acc) for w, a in zip(weights, axes)])
+    if axis_name is not None:
+      flags = _norms.replicated_mask(updates, replicated)
+      squares = _reduce_units(squares, flags + flags, axis_name)
     largest = jnp.zeros((), _F32)
     smallest_scale = jnp.ones((), _F32)
     clipped = jnp.zeros((), jnp.bool_)
     finite = jnp.ones((), jnp.bool_)
     out = []
-    for g, w in zip(grads, weights):
-      g, w = jnp.asarray(g), jnp.asarray(w)
-      acc = _norms.accumulation_dtype([g, w])
-      axes = _norms.unit_axes(g, axis)
-      g_norm = _unit_norms(g, axes, acc)
-      w_norm = jnp.maximum(_unit_norms(w, axes, acc), jnp.asarray(eps).astype(acc))
+    for g, g_sq, w_sq in zip(grads, squares[:len(grads)], squares[len(grads):]):
+      g_norm = jnp.sqrt(g_sq)
+      w_norm = jnp.maximum(jnp.sqrt(w_sq), jnp.asarray(eps).astype(acc))
       limit = jnp.asarray(limit_ratio).astype(acc) * w_norm
       scale, unit_clipped, unit_finite = _base.scale_rule(g_norm, limit)
       out.append(_base.scale_leaf(g, scale))

@@ -527,6 +527,37 @@ def test_axis_name_gives_the_unsharded_result():
       np.testing.assert_allclose(b, a, rtol=1e-6)
 
 
+def test_agc_sharded_along_unit_axes_matches_optax():
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  rng = np.random.default_rng(12)
+  shapes = {"kernel": (16, 6), "conv": (3, 3, 8, 4), "bias": (5,)}
+  specs = {"kernel": P("d"), "conv": P(None, None, "d"), "bias": P()}  # sharded in reduced axes
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  grads = {k: jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for k, s in shapes.items()}
+  tx = clipjax.adaptive_grad_clip(0.05, axis_name="d", replicated={"kernel": False,
+                                                                    "conv": False, "bias": True})
+
+  def update(g, p):
+    out, state = tx.update(g, None, p)
+    return out, state.stats.norm
+
+  mapped = jax.jit(jax.shard_map(update, mesh=mesh, in_specs=(specs, specs),
+                                 out_specs=(specs, P()), check_vma=False))
+  out, norm = mapped(grads, params)
+
+  plain = clipjax.adaptive_grad_clip(0.05)
+
+  @jax.jit
+  def unsharded(g, p):
+    ref, _ = optax.adaptive_grad_clip(0.05).update(g, optax.EmptyState(), p)
+    return ref, plain.update(g, None, p)[1].stats.norm
+
+  ref, ref_norm = unsharded(grads, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), out, ref)
+  np.testing.assert_allclose(norm, ref_norm, rtol=1e-6)
+  assert float(norm) > 0.05  # some units are clipped
+
+
 # Arguments -------------------------------------------------------------------------------
 
 
