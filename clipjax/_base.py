@@ -183,7 +183,7 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   """The factor that brings ``norm`` into ``[min_norm, max_norm]``.
 
   ``scale = max_norm / norm`` when ``norm > max_norm``; ``min_norm / norm`` when
-  ``0 < norm < min_norm``; else 1. A zero norm keeps scale 1 (zero stays zero,
+  ``0 < norm < min_norm`` (and that factor is finite in the norm's dtype); else 1. A zero norm keeps scale 1 (zero stays zero,
   whatever the thresholds, with no 0/0); a NaN or inf norm keeps scale 1 (the
   updates pass through and ``finite`` is False). Works elementwise, so ``norm``
   may hold one norm per leaf.
@@ -198,7 +198,10 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   scale = one
   if min_norm is not None:
     low = jnp.asarray(min_norm).astype(norm.dtype)
-    scale = jnp.where(positive & (norm < low), low / safe, scale)
+    # Lift only where the factor low / norm is representable (norm >= low / max):
+    # a norm below that (e.g. 1e-38 lifted to 4) passes through like zero.
+    liftable = norm * jnp.asarray(jnp.finfo(norm.dtype).max, norm.dtype) >= low
+    scale = jnp.where(positive & (norm < low) & liftable, low / safe, scale)
   if max_norm is not None:
     high = jnp.asarray(max_norm).astype(norm.dtype)
     scale = jnp.where(norm > high, high / safe, scale)

@@ -192,7 +192,8 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
   ord = _norms.check_ord(ord)
 
   def rule(updates, high, low):
-    norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated).leaves
+    norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
+                           small=low is not None).leaves
     scales, clipped, finite = _base.scale_rule(norms, high, low)
     return _base.apply_scale(updates, scales), _per_leaf_stats(
         norms, high, scales, clipped, finite)
@@ -247,7 +248,8 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   ord = _norms.check_ord(ord)
 
   def rule(updates, high, low):
-    norm = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated).total
+    norm = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
+                          small=low is not None).total
     scale, clipped, finite = _base.scale_rule(norm, high, low)
     return _base.apply_scale(updates, scale), _base.make_stats(
         norm, high, scale, clipped, finite)

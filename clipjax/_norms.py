@@ -51,10 +51,17 @@ def accumulation_dtype(leaves: Sequence[jax.typing.ArrayLike]) -> jnp.dtype:
 
 
 def _rescale_exponent(acc: jnp.dtype) -> int:
-  # Elements are multiplied by 2**-k before squaring in the overflow fallback:
-  # k is large enough that a sum of 2**40 squared maximal values stays finite,
-  # small enough that only elements far below the norm's own scale underflow.
+  # The rescue passes multiply elements by 2**-k (overflow) or 2**k (underflow)
+  # before squaring: k is large enough that a sum of 2**40 squared maximal
+  # values stays finite after shrinking, and that the smallest subnormal
+  # squares to a normal number after growing.
   return (jnp.finfo(acc).maxexp + 48) // 2
+
+
+def _tiny_partial(acc: jnp.dtype, ord: Ord) -> float:
+  """Below this an unrooted partial may have lost elements to underflow."""
+  power = 2 if ord == 2 else 1
+  return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
 def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -65,7 +72,7 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> 
   """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|."""
   x = _magnitude(leaf, acc)
   if factor != 1.0:
-    x = x * jnp.asarray(factor, acc)
+    x = x * _opaque(factor, acc)
   if x.size == 0:
     return jnp.zeros((), acc)
   if ord == 2:
@@ -75,6 +82,15 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> 
   return jnp.max(x)
 
 
+def _opaque(factor: float, acc: jnp.dtype) -> jax.Array:
+  """A rescaling constant XLA cannot fold: ``(x·c)·(x·c)`` must not become ``x²·c²``.
+
+  ``c²`` is outside the accumulation range for the rescue factors, so a folded
+  product would be ``0·inf``.
+  """
+  return lax.optimization_barrier(jnp.asarray(factor, acc))
+
+
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
   """Whether a squared element of some leaf can exceed the accumulation range."""
   acc_exp = jnp.finfo(acc).maxexp
@@ -82,31 +98,46 @@ def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
-def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype) -> jax.Array:
-  """Per-leaf local partials, stacked as ``[2, n_leaves]`` (plain, rescaled).
+def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
+                    small: bool) -> jax.Array:
+  """Per-leaf local partials, stacked as ``[3, n_leaves]`` (plain, shrunk, grown).
 
-  Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``. Row 1 holds the same
-  sum over ``x * 2**-k``: it is computed from the data only when row 0
-  overflowed on this device (a rare, local ``lax.cond``), otherwise derived
-  from row 0, so the common case reads each leaf once.
+  Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``. Rows 1 and 2 hold the
+  same sums over ``x * 2**-k`` and ``x * 2**k``. They are computed from the
+  data only when row 0 overflowed on this device, or (with ``small``) when
+  some partial is so small that its squares may have underflowed; that is a
+  rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
+  common case reads each leaf once.
   """
   plain = jnp.stack([_partial(leaf, ord, acc) for leaf in leaves])
   if ord == float("inf"):
-    return jnp.stack([plain, plain])
+    return jnp.stack([plain, plain, plain])
   k = _rescale_exponent(acc)
   power = 2 if ord == 2 else 1
-  shrink = jnp.asarray(2.0 ** (-k * power), acc)
-  if not _can_overflow(leaves, acc):
-    return jnp.stack([plain, plain * shrink])
+  # 2**(±k * power) is outside the accumulation range for power 2: apply 2**±k
+  # `power` times (each step exact, as long as the result is representable).
+  shrink, grow = _opaque(2.0**-k, acc), _opaque(2.0**k, acc)
+
+  def times(x, factor):
+    for _ in range(power):
+      x = x * factor
+    return x
+
+  if not (_can_overflow(leaves, acc) or small):
+    return jnp.stack([plain, times(plain, shrink), times(plain, grow)])
 
   def derived(_):
-    return plain * shrink
+    return jnp.stack([times(plain, shrink), times(plain, grow)])
 
   def recomputed(_):
-    return jnp.stack([_partial(leaf, ord, acc, 2.0**-k) for leaf in leaves])
+    return jnp.stack([jnp.stack([_partial(leaf, ord, acc, 2.0**-k) for leaf in leaves]),
+                      jnp.stack([_partial(leaf, ord, acc, 2.0**k) for leaf in leaves])])
 
-  rescaled = lax.cond(jnp.all(jnp.isfinite(plain)), derived, recomputed, None)
-  return jnp.stack([plain, rescaled])
+  fine = jnp.all(jnp.isfinite(plain))
+  if small:
+    fine = fine & jnp.all(plain >= jnp.asarray(_tiny_partial(acc, ord), acc))
+  rescued = lax.cond(fine, derived, recomputed, None)
+  return jnp.concatenate([plain[None], rescued])
 
 
 def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
@@ -131,82 +162,80 @@ def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
 class Partials(NamedTuple):
   """Partial norms of every leaf, reduced over devices; unrooted.
 
-  ``plain[i]`` is ``sum|x_i|^ord`` (or ``max|x_i|``) in the accumulation dtype,
-  ``rescaled[i]`` the same over ``x_i * 2**-exponent``, used where ``plain``
-  overflowed.
+  ``plain[i]`` is ``sum|x_i|^ord`` (or ``max|x_i|``) in the accumulation dtype;
+  ``shrunk[i]`` and ``grown[i]`` are the same over ``x_i * 2**∓exponent``, used
+  where ``plain`` overflowed or underflowed.
   """
 
   plain: jax.Array  # [n_leaves] float32 (float64 under x64)
-  rescaled: jax.Array  # [n_leaves] same dtype
+  shrunk: jax.Array  # [n_leaves] same dtype
+  grown: jax.Array  # [n_leaves] same dtype
   ord: Ord
   exponent: int
+  tiny: float
 
 
 def reduced_partials(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
-                     replicated: Any = None) -> Partials:
+                     replicated: Any = None, small: bool = False) -> Partials:
   """Per-leaf partial norms of ``tree``, reduced with ONE collective.
 
   Under ``axis_name`` the stacked partials of all leaves are summed (``psum``,
   ord 1 and 2) or maxed (``pmax``, ord inf) once. A leaf marked in
   ``replicated`` holds the same values on every device, so only the device of
-  index 0 contributes it to a sum.
+  index 0 contributes it to a sum. ``small`` asks for exact norms below the
+  float32 range of squares (it may cost a second pass when some leaf is zero
+  or tiny); clippers with a lower bound use it.
   """
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   acc = accumulation_dtype(leaves)
   exponent = _rescale_exponent(acc)
+  tiny = _tiny_partial(acc, ord)
   if not leaves:
     empty = jnp.zeros((0,), acc)
-    return Partials(empty, empty, ord, exponent)
-  partials = _local_partials(leaves, ord, acc)
+    return Partials(empty, empty, empty, ord, exponent, tiny)
+  partials = _local_partials(leaves, ord, acc, small)
   if axis_name is not None:
-    partials = _all_reduce(partials, tree, axis_name, replicated, ord == float("inf"))
-  return Partials(partials[0], partials[1], ord, exponent)
+    if ord == float("inf"):
+      partials = lax.pmax(partials, axis_name)
+    else:
+      mask = replicated_mask(tree, replicated)
+      if any(mask):
+        # A sharded leaf counts on every device, a replicated one on index 0 only.
+        first = lax.axis_index(axis_name) == 0
+        keep = jnp.logical_or(jnp.logical_not(jnp.asarray(mask)), first)
+        partials = jnp.where(keep[None, :], partials, jnp.zeros((), acc))
+      partials = lax.psum(partials, axis_name)
+  return Partials(partials[0], partials[1], partials[2], ord, exponent, tiny)
 
 
-def _all_reduce(partials: jax.Array, tree: Any, axis_name: AxisName, replicated: Any,
-                maximum: bool | jax.Array) -> jax.Array:
-  """Reduces stacked ``[2, n_leaves]`` partials over ``axis_name`` with ONE collective.
-
-  ``pmax`` when ``maximum`` (ord inf), else ``psum`` with replicated leaves
-  contributed by index 0 only. A traced ``maximum`` (a traced ``ord``) picks
-  the collective at run time, so one is still executed per update.
-  """
-  if maximum is True:
-    return lax.pmax(partials, axis_name)
-  mask = replicated_mask(tree, replicated)
-  if any(mask):
-    # A sharded leaf counts on every device, a replicated one on index 0 only
-    # (harmless for a traced max: the partials are >= 0 and index 0 keeps them).
-    first = lax.axis_index(axis_name) == 0
-    keep = jnp.logical_or(jnp.logical_not(jnp.asarray(mask)), first)
-    partials = jnp.where(keep[None, :], partials, jnp.zeros((), partials.dtype))
-  if maximum is False:
-    return lax.psum(partials, axis_name)
-  return lax.cond(maximum, lambda p: lax.pmax(p, axis_name), lambda p: lax.psum(p, axis_name),
-                  partials)
-
-
-def _root(plain: jax.Array, rescaled: jax.Array, ord: Ord, exponent: int) -> jax.Array:
-  """Turns unrooted partials into a norm, from ``rescaled`` where ``plain`` overflowed."""
-  if ord == float("inf"):
+def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: Partials
+          ) -> jax.Array:
+  """Turns unrooted partials into a norm, rescued where ``plain`` left the range."""
+  if partials.ord == float("inf"):
     return plain
-  grow = jnp.asarray(2.0**exponent, plain.dtype)
-  if ord == 2:
-    return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), jnp.sqrt(rescaled) * grow)
-  return jnp.where(jnp.isfinite(plain), plain, rescaled * grow)
+  dtype = plain.dtype
+  big = jnp.asarray(2.0**partials.exponent, dtype)
+  small = jnp.asarray(2.0**-partials.exponent, dtype)
+  overflowed = ~jnp.isfinite(plain)
+  underflowed = plain < jnp.asarray(partials.tiny, dtype)
+  if partials.ord == 2:
+    return jnp.where(overflowed, jnp.sqrt(shrunk) * big,
+                     jnp.where(underflowed, jnp.sqrt(grown) * small, jnp.sqrt(plain)))
+  return jnp.where(overflowed, shrunk * big,
+                   jnp.where(underflowed, grown * small, plain))
 
 
 def leaf_norms_from(partials: Partials) -> jax.Array:
   """One norm per leaf, ``[n_leaves]``."""
-  return _root(partials.plain, partials.rescaled, partials.ord, partials.exponent)
+  return _root(partials.plain, partials.shrunk, partials.grown, partials)
 
 
 def global_norm_from(partials: Partials) -> jax.Array:
   """The norm of the whole tree, a scalar."""
   if partials.ord == float("inf"):
     return jnp.max(partials.plain, initial=0.0)
-  return _root(jnp.sum(partials.plain), jnp.sum(partials.rescaled), partials.ord,
-               partials.exponent)
+  return _root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
+               partials)
 
 
 class Norms(NamedTuple):
@@ -217,11 +246,13 @@ class Norms(NamedTuple):
 
 
 def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
-            replicated: Any = None) -> Norms:
+            replicated: Any = None, small: bool = False) -> Norms:
   """Per-leaf and global norms of ``tree`` with one collective.
 
   ``ord`` is normally a Python ``1``, ``2`` or ``inf``; a traced ``ord`` (from
   ``optax.inject_hyperparams``) computes all three and selects at run time.
+  ``small`` makes norms whose squares underflow float32 exact (see
+  :func:`reduced_partials`).
   """
   ord = check_ord(ord)
   if isinstance(ord, jax.core.Tracer):
@@ -240,7 +271,8 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
       leaves = jnp.where(pick == value, option.leaves, leaves)
       total = jnp.where(pick == value, option.total, total)
     return Norms(leaves, total)
-  partials = reduced_partials(tree, ord, axis_name=axis_name, replicated=replicated)
+  partials = reduced_partials(tree, ord, axis_name=axis_name, replicated=replicated,
+                              small=small)
   return Norms(leaf_norms_from(partials), global_norm_from(partials))
 
 

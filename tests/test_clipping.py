@@ -160,6 +160,25 @@ def test_min_norm_raises_tiny_gradient_to_exactly_min_norm(factory):
   np.testing.assert_allclose(float(state.stats.scale), 100.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("value", [1e-25, 1e-37])
+@pytest.mark.parametrize("factory", [clipjax.clip_by_global_norm, clipjax.clip_by_norm])
+def test_min_norm_lifts_norms_whose_squares_underflow(factory, value):
+  # value**2 underflows float32; the rescue pass measures the norm exactly. (Subnormal
+  # inputs, below 1.2e-38, are flushed to zero by XLA on CPU and GPU.)
+  grads = {"a": jnp.full((4,), value, jnp.float32)}
+  updates, state = jax.jit(factory(1.0, min_norm=0.5).update)(grads, None)
+  np.testing.assert_allclose(np.asarray(updates["a"]), [0.25] * 4, rtol=1e-5)
+  np.testing.assert_allclose(float(state.stats.norm), 2 * float(np.float32(value)), rtol=1e-5)
+
+
+def test_min_norm_leaves_norms_it_cannot_lift():
+  # Lifting 2e-38 to 1e3 needs a factor 5e40, beyond float32: the update passes unchanged.
+  grads = [jnp.array([2e-38], jnp.float32)]
+  updates, state = clipjax.clip_by_global_norm(1e3, min_norm=1e3).update(grads, None)
+  np.testing.assert_array_equal(np.asarray(updates[0]), np.asarray(grads[0]))
+  assert not bool(state.stats.clipped) and bool(state.stats.finite)
+
+
 @pytest.mark.parametrize("factory", [clipjax.clip_by_global_norm, clipjax.clip])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_gradients_pass_through_unscaled(factory, bad):
