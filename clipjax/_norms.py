@@ -195,17 +195,31 @@ def reduced_partials(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
     return Partials(empty, empty, empty, ord, exponent, tiny)
   partials = _local_partials(leaves, ord, acc, small)
   if axis_name is not None:
-    if ord == float("inf"):
-      partials = lax.pmax(partials, axis_name)
-    else:
-      mask = replicated_mask(tree, replicated)
-      if any(mask):
-        # A sharded leaf counts on every device, a replicated one on index 0 only.
-        first = lax.axis_index(axis_name) == 0
-        keep = jnp.logical_or(jnp.logical_not(jnp.asarray(mask)), first)
-        partials = jnp.where(keep[None, :], partials, jnp.zeros((), acc))
-      partials = lax.psum(partials, axis_name)
+    partials = _all_reduce(partials, tree, axis_name, replicated, ord == float("inf"))
   return Partials(partials[0], partials[1], partials[2], ord, exponent, tiny)
+
+
+def _all_reduce(partials: jax.Array, tree: Any, axis_name: AxisName, replicated: Any,
+                maximum: bool | jax.Array) -> jax.Array:
+  """Reduces stacked ``[3, n_leaves]`` partials over ``axis_name`` with ONE collective.
+
+  ``pmax`` when ``maximum`` (ord inf), else ``psum`` with replicated leaves
+  contributed by index 0 only. A traced ``maximum`` (a traced ``ord``) picks
+  the collective at run time, so one is still executed per update.
+  """
+  if maximum is True:
+    return lax.pmax(partials, axis_name)
+  mask = replicated_mask(tree, replicated)
+  if any(mask):
+    # A sharded leaf counts on every device, a replicated one on index 0 only
+    # (harmless for a traced max: the partials are >= 0 and index 0 keeps them).
+    first = lax.axis_index(axis_name) == 0
+    keep = jnp.logical_or(jnp.logical_not(jnp.asarray(mask)), first)
+    partials = jnp.where(keep[None, :], partials, jnp.zeros((), partials.dtype))
+  if maximum is False:
+    return lax.psum(partials, axis_name)
+  return lax.cond(maximum, lambda p: lax.pmax(p, axis_name), lambda p: lax.psum(p, axis_name),
+                  partials)
 
 
 def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: Partials
@@ -257,14 +271,17 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   ord = check_ord(ord)
   if isinstance(ord, jax.core.Tracer):
     pick = jnp.asarray(ord).astype(jnp.float32)
-    local = [reduced_partials(tree, o) for o in VALID_ORDS]
+    local = [reduced_partials(tree, o, small=small) for o in VALID_ORDS]
     if axis_name is not None and local[0].plain.shape[0]:
       # Reduce only the partials of the ord in force: one collective per update.
-      chosen = jnp.stack([local[0].plain, local[0].rescaled])
+      def rows(p):
+        return jnp.stack([p.plain, p.shrunk, p.grown])
+
+      chosen = rows(local[0])
       for value, option in zip(VALID_ORDS[1:], local[1:]):
-        chosen = jnp.where(pick == value, jnp.stack([option.plain, option.rescaled]), chosen)
+        chosen = jnp.where(pick == value, rows(option), chosen)
       chosen = _all_reduce(chosen, tree, axis_name, replicated, pick == float("inf"))
-      local = [p._replace(plain=chosen[0], rescaled=chosen[1]) for p in local]
+      local = [p._replace(plain=chosen[0], shrunk=chosen[1], grown=chosen[2]) for p in local]
     options = [Norms(leaf_norms_from(p), global_norm_from(p)) for p in local]
     leaves, total = options[0]
     for value, option in zip(VALID_ORDS[1:], options[1:]):
