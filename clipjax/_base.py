@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Threshold = float | int | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
@@ -109,13 +110,15 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
     raise ValueError(f"{name}={value!r} must be a number, not a schedule")
   if not is_concrete(value):
     return
+  # Read with NumPy: jnp.asarray would give a tracer when the transform is built
+  # inside a traced function.
   try:
-    array = jnp.asarray(value)
-  except TypeError:
+    array = np.asarray(value)
+  except (TypeError, ValueError):
     raise ValueError(f"{name}={value!r} must be a number") from None
   if array.ndim != 0:
     raise ValueError(f"{name}={value!r} must be a scalar")
-  if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == jnp.bool_):
+  if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
     raise ValueError(f"{name}={value!r} must be a number")
   number = float(array)
   shown = value if isinstance(value, (int, float)) else number
@@ -137,7 +140,7 @@ def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
   """Raises when two concrete thresholds are in the wrong order (``low > high``)."""
   if low is None or high is None or not (is_concrete(low) and is_concrete(high)):
     return
-  if float(jnp.asarray(low)) > float(jnp.asarray(high)):
+  if float(np.asarray(low)) > float(np.asarray(high)):
     raise ValueError(f"{low_name}={low} must be <= {high_name}={high}")
 
 

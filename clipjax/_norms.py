@@ -329,7 +329,20 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
 
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
                replicated: Any = None) -> jax.Array:
-  """The norm of each leaf, stacked in ``jax.tree.leaves`` order; see :func:`global_norm`."""
+  """The norm of each leaf, stacked in ``jax.tree.leaves`` order.
+
+  Accumulation, ``ord``, ``axis_name`` and ``replicated`` are as in
+  :func:`global_norm`; all leaves are reduced with one collective.
+
+  Returns:
+    A ``[n_leaves]`` float32 array (float64 when the tree holds float64 leaves).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> clipjax.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.array([-2.0])})
+    Array([5., 2.], dtype=float32)
+  """
   return measure(tree, ord, axis_name=axis_name, replicated=replicated).leaves
 
 

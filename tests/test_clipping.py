@@ -260,6 +260,18 @@ def tx_name(factory):
   return factory.__name__
 
 
+@pytest.mark.parametrize("factory", [clipjax.clip_by_global_norm, clipjax.clip_by_norm,
+                                     clipjax.clip, clipjax.clip_by_block_rms])
+def test_transform_built_inside_jit_with_concrete_threshold(factory):
+  @jax.jit
+  def step(g):
+    return factory(0.5).update(g, None)[0]
+
+  grads = {"a": jnp.array([3.0, 4.0])}
+  expected, _ = factory(0.5).update(grads, None)
+  np.testing.assert_array_equal(np.asarray(step(grads)["a"]), np.asarray(expected["a"]))
+
+
 def test_traced_negative_threshold_is_not_checked_in_python():
   # Values under jit are not checked (that would break inject_hyperparams).
   update = jax.jit(lambda g, m: clipjax.clip_by_global_norm(m).update(g, None)[0])
