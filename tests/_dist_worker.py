@@ -80,30 +80,27 @@ def main() -> None:
   jit_step = jax.jit(plain.update)
   for kind, tx, step in (("shard_map", sharded, shard_map_step), ("jit", plain, jit_step)):
     state = jax.tree.map(lambda x: global_array(x, P()), tx.init(steps[0]))
-    grads = place(steps[0])
-    compiled = step.lower(grads, state).compile().as_text()
-    results[f"{kind}/all_reduce"] = np.int64(_dist_cases.count_all_reduce(compiled))
-    results[f"{kind}/all_gather"] = np.int64(_dist_cases.count_all_gather(compiled))
-    for i, tree in enumerate(steps):
+    step = step.lower(place(steps[0]), state).compile()  # run what is inspected
+    results[f"{kind}/all_reduce"] = np.int64(_dist_cases.count_all_reduce(step.as_text()))
+    results[f"{kind}/all_gather"] = np.int64(_dist_cases.count_all_gather(step.as_text()))
+    outputs = []
+    for tree in steps:
       updates, state = step(place(tree), state)
-      for k, u in enumerate(updates):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(u)[0]:
-          assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, _spec(specs, path)), leaf.ndim)
-          gathered = multihost_utils.process_allgather(leaf, tiled=True)
-          results[f"{kind}/{i}/{k}/updates{jax.tree_util.keystr(path)}"] = np.asarray(gathered)
-      for k, s in enumerate(state):
-        # Replicated over every device of every process: any local copy is the value.
-        for path, leaf in jax.tree_util.tree_flatten_with_path(s)[0]:
-          results[f"{kind}/{i}/{k}/state{jax.tree_util.keystr(path)}"] = np.asarray(
-              leaf.addressable_data(0))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        spec = specs[path[-1].key]
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), path
+      outputs.append((updates, state))
+    # Every process gets the full results, in one collective call.
+    gathered = multihost_utils.process_allgather(outputs, tiled=True)
+    for i, (updates, state) in enumerate(gathered):
+      for k in range(len(cases)):
+        for name, tree in (("updates", updates[k]), ("state", state[k])):
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            results[f"{kind}/{i}/{k}/{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
   np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"), **results)
   print(f"process {args.process_id}: {len(results)} results, "
         f"one clipper compiles to {results['single/all_reduce']} all-reduce", flush=True)
   jax.distributed.shutdown()
-
-
-def _spec(specs, path):
-  return specs[path[0].key]
 
 
 # What the workers compute; the test builds the single-process reference from the same.

@@ -79,10 +79,16 @@ def _thresholds(group):
 
 
 @functools.cache
+def _reference(group):
+  """The unsharded clippers of ``group``, compiled once for every seed."""
+  tx = bundle(GROUPS[group], _thresholds(group))
+  return optax.GradientTransformation(tx.init, jax.jit(tx.update))
+
+
+@functools.cache
 def _expected(group, seed, factor=1.0):
   """The unsharded run of every clipper of ``group``, step by step (shared by the tests)."""
-  steps = _steps(seed, factor)
-  return run_unsharded(bundle(GROUPS[group], _thresholds(group)), steps)
+  return run_unsharded(_reference(group), _steps(seed, factor))
 
 
 def _check(group, seed, actual, what, factor=1.0):
@@ -204,6 +210,38 @@ def test_shard_map_2d_one_axis_clips_each_row(mesh_2d, group):
     _check(group, seed, [pick(a) for a in actual], f"row {r}", factor=factor)
 
 
+@pytest.mark.parametrize("ord", ORDS)
+def test_floors_and_tiny_norms_under_shard_map(mesh_1d, ord):
+  """min_norm floors, and norms whose squares underflow float32, across devices."""
+  base = random_tree(80, SHAPES)
+  # "proj" is so small that its squares underflow float32 on every device.
+  base["proj"] = base["proj"] * np.float32(1e-25)
+  steps = [jax.tree.map(lambda x, s=s: x * np.float32(s), base) for s in (1.0, 0.3, 6.0)]
+  norm0, leaf0 = np_global_norm(base, ord), np.sort(np_leaf_norms(base, ord))
+
+  def txs(**dist):
+    return [clipjax.clip_by_global_norm(2.0 * norm0, min_norm=0.8 * norm0, ord=ord, **dist),
+            clipjax.clip_by_norm(leaf0[-2], min_norm=leaf0[1] * 2.0, ord=ord, **dist)]
+
+  def side_by_side(ts):
+    return optax.GradientTransformation(
+        lambda p: tuple(t.init(p) for t in ts),
+        lambda u, s, p=None: tuple(zip(*[t.update(u, si) for t, si in zip(ts, s)])))
+
+  actual = _run_shard_map(side_by_side(txs(axis_name="d", replicated=REPLICATED)), steps,
+                          SPECS_1D, mesh_1d, 2)
+  expected = run_unsharded(side_by_side(txs()), steps)
+  for i, ((u, s), (ue, se), grads) in enumerate(zip(actual, expected, steps)):
+    assert_tree_close(u, ue, what=f"step {i} updates")
+    assert_tree_close(s, se, what=f"step {i} state")
+    np.testing.assert_allclose(s[0].stats.norm, np_global_norm(grads, ord), rtol=1e-5)
+  # The global clip floored (step 1) and clipped (step 2); the tiny leaf was floored.
+  assert [bool(s[0].stats.clipped) for _, s in expected] == [False, True, True]
+  assert float(expected[1][1][0].stats.scale) > 1.0 > float(expected[2][1][0].stats.scale)
+  tiny_out = np_leaf_norms({"proj": expected[0][0][1]["proj"]}, ord)[0]
+  np.testing.assert_allclose(tiny_out, leaf0[1] * 2.0, rtol=1e-5)
+
+
 # pmap ------------------------------------------------------------------------------
 
 
@@ -229,7 +267,9 @@ def test_pmap_matches_unsharded(group):
   n = jax.device_count()
   tx = bundle(GROUPS[group], _thresholds(group), axis_name="i", replicated=REPLICATED)
   step = jax.pmap(tx.update, axis_name="i")
-  state = jax.tree.map(lambda x: _to_pmap(x, P(), n), tx.init(steps[0]))
+  # A state already laid out as pmap returns it, so the step compiles once.
+  state = jax.pmap(tx.init, axis_name="i")(
+      jax.tree.map(lambda x: _to_pmap(x, P(), n), steps[0]))
   actual = []
   for grads in steps:
     updates, state = step(jax.tree.map(lambda x, s: _to_pmap(x, s, n), grads, SPECS_1D), state)
