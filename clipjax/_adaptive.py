@@ -268,8 +268,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
 
   Args:
     percentile: which percentile of the history is the threshold, in
-      ``[0, 100]``. Default 10.0, the value of the reference code: it clips
-      about 90% of the steps, to a norm typical of the smaller ones.
+      ``[0, 100]``. Default 10.0, as in the paper: about 90% of the steps are
+      clipped, to a norm typical of the smaller ones.
     history: how many past norms to keep (>= 1). Default 1024; the paper keeps
       every norm since the start of training. The buffer length is read from
       the state, so under ``optax.inject_hyperparams`` the value given at
@@ -527,8 +527,8 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     (Array([0.5883, 0.7845], dtype=float32), Array([0. , 0.1], dtype=float32))
 
   References:
-    Wang, Yang, Li, Zhang, Guo, Sun, Wang, Xu and Yang, `AdaGC: Improving
-    Training Stability for Large Language Model Pretraining
+    Wang, Li, Chen, Zeng, Yang, Yu, Ma and Shen, `AdaGC: Improving Training
+    Stability for Large Language Model Pretraining
     <https://arxiv.org/abs/2502.11034>`_, 2025.
   """
   _base.check_number("lambda_abs", lambda_abs, strict_min=True, allow_schedule=False)
