@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -30,35 +31,41 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(out_dir) -> list[str]:
-  """Runs the workers to completion; returns their output, or fails showing it."""
+def _launch(out_dir, attempts=2) -> list[str]:
+  """Runs the workers to completion; returns their output, or fails showing it.
+
+  When one worker fails the others are stopped at once. The free port is only free
+  when chosen: if another program takes it before the coordinator binds it, the group
+  is started once more on a new port.
+  """
   port = _free_port()
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the worker sets its own device count
-  procs = [subprocess.Popen(
-      [sys.executable, WORKER, "--process-id", str(i), "--num-processes", str(NUM_PROCESSES),
-       "--port", str(port), "--out", str(out_dir)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for i in range(NUM_PROCESSES)]
-  outputs, failed = [], False
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=TIMEOUT)
-      outputs.append(out)
-      failed |= p.returncode != 0
-  except subprocess.TimeoutExpired:
-    failed = True
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        out, _ = p.communicate()
-        outputs.append(out)
-  if failed:
-    shown = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{out}"
-                      for i, (p, out) in enumerate(zip(procs, outputs)))
-    pytest.fail(f"the worker processes failed or timed out after {TIMEOUT}s:\n{shown}")
-  return outputs
+  logs = [out_dir / f"process_{i}.log" for i in range(NUM_PROCESSES)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(
+          [sys.executable, WORKER, "--process-id", str(i), "--num-processes",
+           str(NUM_PROCESSES), "--port", str(port), "--out", str(out_dir)],
+          stdout=f, stderr=subprocess.STDOUT, env=env))
+  deadline = time.monotonic() + TIMEOUT
+  while any(p.poll() is None for p in procs):
+    if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.1)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+  outputs = [log.read_text() for log in logs]
+  if all(p.returncode == 0 for p in procs):
+    return outputs
+  if attempts > 1 and any("Failed to start RPC server" in out for out in outputs):
+    return _launch(out_dir, attempts - 1)
+  shown = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{out}"
+                    for i, (p, out) in enumerate(zip(procs, outputs)))
+  pytest.fail(f"the worker processes failed (or ran over {TIMEOUT}s):\n{shown}")
 
 
 @pytest.mark.slow
