@@ -374,3 +374,150 @@ def test_inject_hyperparams_ord_runs_one_all_reduce(mesh_1d, ord):
   assert [len(b) for b in all_reduce_branches(compiled)] == [2], compiled
   _, state = jax.jit(f)(*args)
   np.testing.assert_allclose(state.inner_state.stats.norm, np_global_norm(grads, ord), rtol=1e-5)
+
+
+# Adaptive gradient clipping (per unit, needs params) ---------------------------------
+
+# AGC sums each unit (a column of an (in, out) kernel, a whole vector) over its shards,
+# so leaves are sharded along their unit axes: axis 0 of every rank-1 to rank-3 leaf.
+AGC_SHAPES = {"kernel": (16, 6), "proj": (24, 5), "emb": (8, 3, 2), "vec": (16,), "bias": (6,),
+              "gain": ()}
+AGC_REPLICATED = {"kernel": False, "proj": False, "emb": False, "vec": False, "bias": True,
+                  "gain": True}
+AGC_EPS = 1e-3
+
+
+def _agc_specs(axis):
+  return {k: (P() if AGC_REPLICATED[k] else P(axis)) for k in AGC_SHAPES}
+
+
+def _np_unit_norms(x):
+  x = np.asarray(x, np.float64)
+  axes = (0,) if x.ndim in (2, 3) else tuple(range(x.ndim))
+  return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
+
+
+def _np_agc(grads, params, clipping):
+  """AGC in float64 NumPy: (updates, largest unit ratio)."""
+  out, largest = {}, 0.0
+  for k, g in grads.items():
+    g_norm = _np_unit_norms(g)
+    w_norm = np.maximum(_np_unit_norms(params[k]), AGC_EPS)
+    ratio = g_norm / w_norm
+    scale = np.where(ratio > clipping, clipping * w_norm / np.where(g_norm > 0, g_norm, 1), 1.0)
+    out[k] = np.asarray(g, np.float64) * scale
+    largest = max(largest, float(ratio.max()))
+  return out, largest
+
+
+@functools.cache
+def _agc_case():
+  """(gradient steps, params, clipping) with some units clipped and some not."""
+  params = random_tree(90, AGC_SHAPES)
+  steps = step_trees(91, AGC_SHAPES)
+  ratios = np.sort(np.concatenate([
+      (_np_unit_norms(steps[0][k]) / np.maximum(_np_unit_norms(params[k]), AGC_EPS)).ravel()
+      for k in AGC_SHAPES]))
+  mid = len(ratios) // 2
+  return steps, params, float(np.sqrt(ratios[mid - 1] * ratios[mid]))
+
+
+def _check_agc(actual, what):
+  steps, params, clipping = _agc_case()
+  expected = _agc_expected()
+  clipped = []
+  for i, ((u, s), (ue, se), grads) in enumerate(zip(actual, expected, steps)):
+    assert_tree_close(u, ue, what=f"{what} step {i} updates")
+    assert_tree_close(s, se, what=f"{what} step {i} state")
+    ref, largest = _np_agc(grads, params, clipping)
+    for k in AGC_SHAPES:
+      np.testing.assert_allclose(u[k], ref[k], rtol=1e-5, atol=1e-6 * np.abs(ref[k]).max(),
+                                 err_msg=f"{what} step {i} {k}")
+    np.testing.assert_allclose(s.stats.norm, largest, rtol=1e-5)
+    clipped.append(bool(s.stats.clipped) and float(s.stats.scale) < 1.0)
+  assert all(clipped), what
+
+
+@functools.cache
+def _agc_expected():
+  """The unsharded AGC run on the full arrays, step by step (shared by the tests)."""
+  steps, params, clipping = _agc_case()
+  tx = clipjax.adaptive_grad_clip(clipping, AGC_EPS)
+  update = jax.jit(tx.update)
+  state, out = tx.init(params), []
+  for grads in steps:
+    updates, state = update(grads, state, params)
+    out.append((updates, state))
+  return out
+
+
+@pytest.mark.parametrize("layout", ["1d", "2d-tuple"])
+def test_adaptive_grad_clip_under_shard_map(mesh_1d, mesh_2d, layout):
+  steps, params, clipping = _agc_case()
+  mesh, axis = (mesh_1d, "d") if layout == "1d" else (mesh_2d, ("a", "b"))
+  specs = _agc_specs(axis)
+  tx = clipjax.adaptive_grad_clip(clipping, AGC_EPS, axis_name=axis, replicated=AGC_REPLICATED)
+  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P(), specs),
+                               out_specs=(specs, P())))
+  state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+  placed_params = place(params, specs, mesh)
+  actual = []
+  for grads in steps:
+    updates, state = step(place(grads, specs, mesh), state, placed_params)
+    actual.append(jax.device_get((updates, state)))
+  _check_agc(actual, f"shard_map {layout}")
+
+
+@pytest.mark.filterwarnings(PMAP_WARNING)
+def test_adaptive_grad_clip_under_pmap():
+  steps, params, clipping = _agc_case()
+  n = jax.device_count()
+  specs = _agc_specs("d")
+  tx = clipjax.adaptive_grad_clip(clipping, AGC_EPS, axis_name="i", replicated=AGC_REPLICATED)
+  step = jax.pmap(tx.update, axis_name="i")
+  to_pmap = lambda tree: jax.tree.map(lambda x, s: _to_pmap(x, s, n), tree, specs)
+  state = jax.pmap(tx.init, axis_name="i")(to_pmap(params))
+  actual = []
+  for grads in steps:
+    updates, state = step(to_pmap(grads), state, to_pmap(params))
+    actual.append((jax.tree.map(_from_pmap, updates, specs),
+                   jax.tree.map(lambda x: _from_pmap(x, P()), state)))
+  _check_agc(actual, "pmap")
+
+
+@pytest.mark.parametrize("n_leaves", [3, 64])
+def test_adaptive_grad_clip_one_all_reduce(mesh_1d, n_leaves):
+  shapes = {f"w{i:02d}": (8 * (1 + i % 2), 3) for i in range(n_leaves)}
+  replicated = {k: k == max(shapes) for k in shapes}
+  specs = {k: P() if replicated[k] else P("d") for k in shapes}
+  grads, params = random_tree(n_leaves, shapes), random_tree(n_leaves + 1, shapes)
+  tx = clipjax.adaptive_grad_clip(0.1, axis_name="d", replicated=replicated)
+  f = jax.shard_map(tx.update, mesh=mesh_1d, in_specs=(specs, P(), specs),
+                    out_specs=(specs, P()))
+  lowered, compiled = compiled_texts(
+      f, place(grads, specs, mesh_1d), jax.device_put(tx.init(params),
+                                                      NamedSharding(mesh_1d, P())),
+      place(params, specs, mesh_1d))
+  assert count_lowered_all_reduce(lowered) == 1
+  assert count_all_reduce(compiled) == 1, compiled
+  assert count_all_gather(compiled) == 0
+
+
+def test_adaptive_grad_clip_sharded_jit_keeps_shardings(mesh_2d):
+  """GSPMD partitions any layout, also along a kernel's output axis (no axis_name)."""
+  steps, params, clipping = _agc_case()
+  specs = {"kernel": P("b", "a"), "proj": P(("a", "b")), "emb": P(None, None, "a"), "vec": P("b"),
+           "bias": P("a"), "gain": P()}
+  tx = clipjax.adaptive_grad_clip(clipping, AGC_EPS)
+  placed_params = place(params, specs, mesh_2d)
+  update = jax.jit(tx.update).lower(place(steps[0], specs, mesh_2d), tx.init(params),
+                                    placed_params).compile()
+  assert count_all_gather(update.as_text()) == 0, update.as_text()
+  state, actual = tx.init(params), []
+  for grads in steps:
+    placed = place(grads, specs, mesh_2d)
+    updates, state = update(placed, state, placed_params)
+    for k in AGC_SHAPES:
+      assert updates[k].sharding.is_equivalent_to(placed[k].sharding, placed[k].ndim), k
+    actual.append(jax.device_get((updates, state)))
+  _check_agc(actual, "sharded jit")
