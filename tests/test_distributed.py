@@ -451,10 +451,13 @@ def _agc_expected():
   return out
 
 
-@pytest.mark.parametrize("layout", ["1d", "2d-tuple"])
+@pytest.mark.parametrize("layout", ["1d", "2d-tuple", "2d-one-axis"])
 def test_adaptive_grad_clip_under_shard_map(mesh_1d, mesh_2d, layout):
+  """On the 2-D mesh with axis_name="b", the leaves are sharded over "b" and the same on
+  both rows of "a": a sum over "a" too would count every unit twice."""
   steps, params, clipping = _agc_case()
-  mesh, axis = (mesh_1d, "d") if layout == "1d" else (mesh_2d, ("a", "b"))
+  mesh, axis = {"1d": (mesh_1d, "d"), "2d-tuple": (mesh_2d, ("a", "b")),
+                "2d-one-axis": (mesh_2d, "b")}[layout]
   specs = _agc_specs(axis)
   tx = clipjax.adaptive_grad_clip(clipping, AGC_EPS, axis_name=axis, replicated=AGC_REPLICATED)
   step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P(), specs),
