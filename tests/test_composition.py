@@ -111,8 +111,8 @@ def test_registry_covers_every_exported_transform():
   assert {"clip", "clip_by_norm", "clip_by_global_norm", "clipped"} <= exported
   missing = exported - {entry.name for entry in ENTRIES}
   assert not missing, f"add these transforms to tests/registry.py: {sorted(missing)}"
-  # Every declared entry whose transform is exported runs (nothing declared is filtered out).
-  assert {e.name for e in ENTRIES} == {n for n in registry.DECLARED if hasattr(clipjax, n)}
+  # And every entry names an exported transform.
+  assert {e.name for e in ENTRIES} <= exported
 
 
 @pytest.mark.parametrize("entry_id", [e.id for e in ENTRIES if e.needs_params])
