@@ -11,9 +11,10 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 TIMEOUT = 150
 
 
-def _run(script, *args):
+def _run(script, *args, warnings="error"):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the examples set their own device counts
+  env["PYTHONWARNINGS"] = warnings  # as in the test suite, a warning is an error
   proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args],
                         capture_output=True, text=True, env=env, timeout=TIMEOUT)
   output = proc.stdout + proc.stderr
@@ -39,7 +40,8 @@ def test_shard_map_train_quick():
 
 
 def test_pmap_train_quick():
-  out = _run("pmap_train.py", "--quick")
+  # jax.pmap is deprecated in favour of shard_map; a deprecation notice is not a failure.
+  out = _run("pmap_train.py", "--quick", warnings="error,ignore::DeprecationWarning")
   assert out.startswith("8 devices, 16 examples each")
   assert "largest difference between parameter replicas: 0.0e+00" in out
   _check_training(out)

@@ -41,6 +41,7 @@ def _launch(out_dir, attempts=2) -> list[str]:
   port = _free_port()
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+  env["PYTHONWARNINGS"] = "error"  # as in the test suite, a warning is an error
   logs = [out_dir / f"process_{i}.log" for i in range(NUM_PROCESSES)]
   procs = []
   for i, log in enumerate(logs):
