@@ -342,6 +342,27 @@ def test_sharded_jit_keeps_shardings_and_never_all_gathers(mesh_2d, group):
   _check(group, SEED, actual, "sharded jit")
 
 
+def test_sharded_jit_value_and_block_rms_clips(mesh_2d):
+  """The clippers without axis_name also stay sharded under GSPMD."""
+  steps = _steps(SEED)
+  txs = [clipjax.clip(1.0), clipjax.clip_by_block_rms(0.5)]
+  tx = optax.GradientTransformation(
+      lambda p: tuple(t.init(p) for t in txs),
+      lambda u, s, p=None: tuple(zip(*[t.update(u, si) for t, si in zip(txs, s)])))
+  expected = run_unsharded(tx, steps)
+  update = jax.jit(tx.update).lower(place(steps[0], SPECS_2D, mesh_2d), tx.init(None)).compile()
+  assert count_all_gather(update.as_text()) == 0, update.as_text()
+  state = tx.init(None)
+  for i, grads in enumerate(steps):
+    placed = place(grads, SPECS_2D, mesh_2d)
+    updates, state = update(placed, state)
+    for u in updates:
+      for out, x in zip(jax.tree.leaves(u), jax.tree.leaves(placed)):
+        assert out.sharding.is_equivalent_to(x.sharding, x.ndim), (out.sharding, x.sharding)
+    assert_tree_close(jax.device_get((updates, state)), expected[i], what=f"step {i}")
+    assert all(bool(s.stats.clipped) for s in state)
+
+
 # inject_hyperparams injects ``ord`` as a traced value --------------------------------
 
 
