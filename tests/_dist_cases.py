@@ -113,10 +113,8 @@ def groups() -> dict[str, list[tuple[str, float]]]:
   return out
 
 
-def bundle(cases: list[tuple[str, float]], thresholds: list[float],
-           **dist: Any) -> optax.GradientTransformation:
-  """Several clippers side by side on the same updates: a tuple of results and states."""
-  txs = [make(name, o, t, **dist) for (name, o), t in zip(cases, thresholds)]
+def side_by_side(txs: list[optax.GradientTransformation]) -> optax.GradientTransformation:
+  """Several transforms on the same updates: a tuple of results and a tuple of states."""
 
   def init_fn(params):
     return tuple(tx.init(params) for tx in txs)
@@ -126,6 +124,12 @@ def bundle(cases: list[tuple[str, float]], thresholds: list[float],
     return tuple(u for u, _ in outs), tuple(s for _, s in outs)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def bundle(cases: list[tuple[str, float]], thresholds: list[float],
+           **dist: Any) -> optax.GradientTransformation:
+  """Several clippers side by side on the same updates: a tuple of results and states."""
+  return side_by_side([make(name, o, t, **dist) for (name, o), t in zip(cases, thresholds)])
 
 
 def run_unsharded(tx: optax.GradientTransformation, steps: list[Any]) -> list[tuple[Any, Any]]:

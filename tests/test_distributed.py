@@ -20,20 +20,21 @@ import clipjax
 from _dist_cases import ORDS
 from _dist_cases import all_cases
 from _dist_cases import all_reduce_branches
-from _dist_cases import bundle
-from _dist_cases import groups
 from _dist_cases import assert_tree_close
+from _dist_cases import bundle
 from _dist_cases import compiled_texts
 from _dist_cases import count_all_gather
 from _dist_cases import count_all_reduce
 from _dist_cases import count_lowered_all_reduce
 from _dist_cases import fixed_cases
+from _dist_cases import groups
 from _dist_cases import make
 from _dist_cases import np_global_norm
 from _dist_cases import np_leaf_norms
 from _dist_cases import place
 from _dist_cases import random_tree
 from _dist_cases import run_unsharded
+from _dist_cases import side_by_side
 from _dist_cases import step_trees
 from _dist_cases import threshold_for
 
@@ -223,11 +224,6 @@ def test_floors_and_tiny_norms_under_shard_map(mesh_1d, ord):
     return [clipjax.clip_by_global_norm(2.0 * norm0, min_norm=0.8 * norm0, ord=ord, **dist),
             clipjax.clip_by_norm(leaf0[-2], min_norm=leaf0[1] * 2.0, ord=ord, **dist)]
 
-  def side_by_side(ts):
-    return optax.GradientTransformation(
-        lambda p: tuple(t.init(p) for t in ts),
-        lambda u, s, p=None: tuple(zip(*[t.update(u, si) for t, si in zip(ts, s)])))
-
   actual = _run_shard_map(side_by_side(txs(axis_name="d", replicated=REPLICATED)), steps,
                           SPECS_1D, mesh_1d, 2)
   expected = run_unsharded(side_by_side(txs()), steps)
@@ -345,10 +341,7 @@ def test_sharded_jit_keeps_shardings_and_never_all_gathers(mesh_2d, group):
 def test_sharded_jit_value_and_block_rms_clips(mesh_2d):
   """The clippers without axis_name also stay sharded under GSPMD."""
   steps = _steps(SEED)
-  txs = [clipjax.clip(1.0), clipjax.clip_by_block_rms(0.5)]
-  tx = optax.GradientTransformation(
-      lambda p: tuple(t.init(p) for t in txs),
-      lambda u, s, p=None: tuple(zip(*[t.update(u, si) for t, si in zip(txs, s)])))
+  tx = side_by_side([clipjax.clip(1.0), clipjax.clip_by_block_rms(0.5)])
   expected = run_unsharded(tx, steps)
   update = jax.jit(tx.update).lower(place(steps[0], SPECS_2D, mesh_2d), tx.init(None)).compile()
   assert count_all_gather(update.as_text()) == 0, update.as_text()
@@ -371,12 +364,11 @@ def test_inject_hyperparams_under_shard_map(mesh_1d):
   threshold = 0.5 * np_global_norm(steps[0], 2)
   inner = optax.inject_hyperparams(clipjax.clip_by_global_norm)(
       max_norm=threshold, axis_name="d", replicated=REPLICATED)
-  tx = optax.GradientTransformation(inner.init, lambda u, s, p=None: ((inner.update(u, s)[0],),
-                                                                      inner.update(u, s)[1]))
-  out = _run_shard_map(tx, steps, SPECS_1D, mesh_1d, 1)
+  out = _run_shard_map(side_by_side([inner]), steps, SPECS_1D, mesh_1d, 1)
   expected = run_unsharded(clipjax.clip_by_global_norm(threshold), steps)
-  for (u, _), (ue, _) in zip(out, expected):
+  for (u, s), (ue, se) in zip(out, expected):
     assert_tree_close(u[0], ue)
+    assert_tree_close(s[0].inner_state.stats, se.stats)
 
 
 @pytest.mark.parametrize("ord", ORDS)
