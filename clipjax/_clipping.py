@@ -87,8 +87,8 @@ def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
                           jnp.all(finite))
 
 
-def clip(max_delta: Threshold, *, min_delta: Threshold | None = None
-         ) -> optax.GradientTransformation:
+def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
+         axis_name: _norms.AxisName = None) -> optax.GradientTransformation:
   """Clips every element's magnitude into ``[min_delta, max_delta]``, keeping its sign.
 
   ``g ← sign(g) · clamp(|g|, min_delta, max_delta)``, with exact zeros kept at
@@ -104,6 +104,10 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None
       array, or an ``optax.Schedule`` of the step count.
     min_delta: optional smallest magnitude of a nonzero element; smaller ones
       are raised to it.
+    axis_name: mapped axis name(s) over which the leaves are sharded. The
+      clamp itself is element-wise; the axis makes the statistics and the
+      non-finite check global (one ``pmax``), so every device passes a
+      non-finite update through together.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipState`.
@@ -121,11 +125,18 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None
   _check_thresholds("max_delta", max_delta, "min_delta", min_delta)
 
   def rule(updates, high, low):
-    largest = _norms.measure(updates, float("inf")).total
+    if low is None:
+      largest = _norms.measure(updates, float("inf"), axis_name=axis_name).total
+    else:
+      largest = _norms.measure(updates, float("inf")).total
+      smallest = _smallest_nonzero(updates, largest.dtype)
+      if axis_name is not None:
+        # One collective for both: the max of -smallest is -(the min).
+        both = jax.lax.pmax(jnp.stack([largest, -smallest]), axis_name)
+        largest, smallest = both[0], -both[1]
     finite = jnp.isfinite(largest)
     scale, clipped, _ = _base.scale_rule(largest, high)
     if low is not None:
-      smallest = _smallest_nonzero(updates, largest.dtype)
       clipped = clipped | (finite & (smallest < low.astype(largest.dtype)))
 
     def clamp(g):
@@ -257,7 +268,8 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   return _threshold_transform(ClipByGlobalNormState, rule, max_norm, min_norm)
 
 
-def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformation:
+def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None,
+                      replicated: Any = None) -> optax.GradientTransformation:
   """Clips each leaf (block) to root-mean-square at most ``threshold``.
 
   ``g_i ← g_i / max(1, rms(g_i) / threshold)`` with
@@ -269,6 +281,12 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformation:
   Args:
     threshold: the largest RMS of a block: a number, a scalar array, or an
       ``optax.Schedule``.
+    axis_name: mapped axis name(s) over which the leaves are sharded; each
+      block's RMS is then taken over all its shards (one ``psum`` for all
+      blocks), and a sharded block's size is its local size times the number
+      of devices.
+    replicated: pytree prefix of bools marking blocks that are the same on
+      every device of ``axis_name`` (counted once, at their local size).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -286,8 +304,13 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformation:
 
   def rule(updates, high, low):
     del low
-    norms = _norms.measure(updates, 2).leaves
-    sizes = [max(jnp.size(g), 1) for g in jax.tree.leaves(updates)]
+    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated).leaves
+    sizes = [jnp.size(g) for g in jax.tree.leaves(updates)]
+    if axis_name is not None:
+      devices = jax.lax.axis_size(axis_name)
+      mask = _norms.replicated_mask(updates, replicated)
+      sizes = [size if shared else size * devices for size, shared in zip(sizes, mask)]
+    sizes = [max(size, 1) for size in sizes]
     rms = norms / jnp.sqrt(jnp.asarray(sizes, norms.dtype))
     scales, clipped, finite = _base.scale_rule(rms, high)
     return _base.apply_scale(updates, scales), _per_leaf_stats(

@@ -32,19 +32,31 @@ def adaptive_names() -> list[str]:
   return [name for name in _ADAPTIVE_KWARGS if hasattr(clipjax, name)]
 
 
+# Element-wise clip (its statistics and non-finite check are global) and block RMS.
+_LOCAL = (("clip", float("inf")), ("clip_by_block_rms", 2))
+
+
 def fixed_cases() -> list[tuple[str, float]]:
   return [(name, o) for name in _FIXED for o in ORDS]
 
 
+def local_cases() -> list[tuple[str, float]]:
+  return list(_LOCAL)
+
+
 def all_cases() -> list[tuple[str, float]]:
   """(transform name, ord) for every norm-based clipper; adaptive ones at ord 2."""
-  return fixed_cases() + [(name, 2) for name in adaptive_names()]
+  return fixed_cases() + local_cases() + [(name, 2) for name in adaptive_names()]
 
 
 def make(name: str, ord: float, threshold: float, **dist: Any) -> optax.GradientTransformation:
   """The named clipper; ``dist`` holds ``axis_name``/``replicated`` (or nothing)."""
   if name in _FIXED:
     return getattr(clipjax, name)(threshold, ord=ord, **dist)
+  if name == "clip":
+    return clipjax.clip(threshold, min_delta=threshold / 50, axis_name=dist.get("axis_name"))
+  if name == "clip_by_block_rms":
+    return clipjax.clip_by_block_rms(threshold, **dist)
   assert ord == 2, name
   return getattr(clipjax, name)(**_ADAPTIVE_KWARGS[name], **dist)
 
@@ -79,6 +91,12 @@ def threshold_for(name: str, tree: Any, ord: float) -> float:
   """A threshold far from every norm: half the global norm, or a mid leaf norm."""
   if name == "clip_by_global_norm":
     return 0.5 * np_global_norm(tree, ord)
+  if name == "clip":
+    return 0.5 * np_global_norm(tree, float("inf"))
+  if name == "clip_by_block_rms":
+    rms = np.sort([np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))
+                   for x in jax.tree.leaves(tree)])
+    return float(np.sqrt(rms[len(rms) // 2 - 1] * rms[len(rms) // 2]))
   norms = np.sort(np_leaf_norms(tree, ord))
   mid = len(norms) // 2
   return float(np.sqrt(norms[mid - 1] * norms[mid]))
@@ -107,7 +125,7 @@ def place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def groups() -> dict[str, list[tuple[str, float]]]:
   """The clippers tested together in one program (one compilation per group)."""
-  out = {"fixed": fixed_cases()}
+  out = {"fixed": fixed_cases(), "local": local_cases()}
   if adaptive_names():
     out["adaptive"] = [(name, 2) for name in adaptive_names()]
   return out
