@@ -157,20 +157,17 @@ def resolve(value: Threshold | None, count: jax.Array) -> jax.Array | None:
   """The threshold in force at step ``count``: a schedule is evaluated at it."""
   if value is None:
     return None
-  if is_schedule(value):
+  if callable(value):
     return jnp.asarray(value(count))
   return jnp.asarray(value)
 
 
-def any_schedule(*values: Any) -> bool:
-  return any(is_schedule(v) for v in values)
-
-
 def initial_threshold(value: Threshold | None) -> jax.Array:
   """The threshold at step 0, as float32, for a fresh state."""
-  if value is None:
+  threshold = resolve(value, jnp.zeros((), jnp.int32))
+  if threshold is None:
     return jnp.full((), jnp.inf, jnp.float32)
-  return resolve(value, jnp.zeros((), jnp.int32)).astype(jnp.float32)
+  return threshold.astype(jnp.float32)
 
 
 def next_count(count: jax.Array) -> jax.Array:

@@ -283,10 +283,10 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
       chosen = _all_reduce(chosen, tree, axis_name, replicated, pick == float("inf"))
       local = [p._replace(plain=chosen[0], shrunk=chosen[1], grown=chosen[2]) for p in local]
     options = [Norms(leaf_norms_from(p), global_norm_from(p)) for p in local]
-    leaves, total = options[0]
-    for value, option in zip(VALID_ORDS[1:], options[1:]):
-      leaves = jnp.where(pick == value, option.leaves, leaves)
-      total = jnp.where(pick == value, option.total, total)
+    leaves, total = options[0].leaves, options[0].total
+    for value, norms in zip(VALID_ORDS[1:], options[1:]):
+      leaves = jnp.where(pick == value, norms.leaves, leaves)
+      total = jnp.where(pick == value, norms.total, total)
     return Norms(leaves, total)
   partials = reduced_partials(tree, ord, axis_name=axis_name, replicated=replicated,
                               small=small)

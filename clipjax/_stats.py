@@ -39,11 +39,11 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   """
   found = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_clip_state)
            if _is_clip_state(node)]
-  kinds = Counter(_base.state_name(node) for node in found)
+  names = [str(_base.state_name(node)) for node in found]
+  kinds = Counter(names)
   seen: Counter[str] = Counter()
   out: dict[str, jax.Array] = {}
-  for node in found:
-    kind = _base.state_name(node)
+  for node, kind in zip(found, names):
     prefix = kind if kinds[kind] == 1 else f"{kind}_{seen[kind]}"
     seen[kind] += 1
     for field, value in node.stats._asdict().items():

@@ -1,5 +1,7 @@
 """Keras-style clipping options for any optax optimizer."""
 
+from collections.abc import Callable
+
 import optax
 
 from . import _base
@@ -68,4 +70,5 @@ def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = No
   return optax.chain(clipper, tx)
 
 
-_CLIPPERS = {"clipnorm": clip_by_norm, "clipvalue": clip, "global_clipnorm": clip_by_global_norm}
+_CLIPPERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "clipnorm": clip_by_norm, "clipvalue": clip, "global_clipnorm": clip_by_global_norm}
