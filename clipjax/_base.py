@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _norms
+
 Threshold = float | int | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 
 _STATE_NAMES: dict[type, str] = {}
@@ -220,6 +222,9 @@ def apply_scale(updates: Any, scales: jax.Array) -> Any:
   """
   leaves, treedef = jax.tree.flatten(updates)
   per_leaf = jnp.ndim(scales) == 1
+  if per_leaf:
+    # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
+    scales = _norms.materialized(jnp.asarray(scales))
   out = []
   for i, leaf in enumerate(leaves):
     leaf = jnp.asarray(leaf)

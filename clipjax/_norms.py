@@ -91,6 +91,20 @@ def _opaque(factor: float, acc: jnp.dtype) -> jax.Array:
   return lax.optimization_barrier(jnp.asarray(factor, acc))
 
 
+def materialized(values: jax.Array) -> jax.Array:
+  """``values`` unchanged, computed once: consumers cannot fuse its producers.
+
+  XLA otherwise fuses the reduction over the stacked per-leaf partials into
+  each of the n leaf-sized consumer kernels (n reductions copied n times), so
+  compile time grew with n². An identity sort (keyed by an iota) is exact, costs
+  microseconds for a vector of n scalars, and is never fused.
+  """
+  if values.shape[-1] < 2:
+    return values
+  iota = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  return lax.sort((iota, values), dimension=values.ndim - 1, num_keys=1)[1]
+
+
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
   """Whether a squared element of some leaf can exceed the accumulation range."""
   acc_exp = jnp.finfo(acc).maxexp
@@ -109,7 +123,7 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
   rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
   common case reads each leaf once.
   """
-  plain = jnp.stack([_partial(leaf, ord, acc) for leaf in leaves])
+  plain = materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
   if ord == float("inf"):
     return jnp.stack([plain, plain, plain])
   k = _rescale_exponent(acc)
