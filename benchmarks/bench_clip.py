@@ -1,0 +1,552 @@
+"""Benchmarks: clipjax against optax and PyTorch, side by side in one process.
+
+Run with ``make bench`` (or ``python benchmarks/bench_clip.py``). Prints a table
+and writes ``benchmarks/RESULTS.md``.
+
+Method:
+
+* Three gradient trees: 25M float32 parameters as 10 leaves, as 1000 leaves,
+  and the parameter tree of a small Flax (linen) transformer.
+* Every case is compiled ahead of time (``jax.jit(...).lower(...).compile()``),
+  warmed up, then all cases of a tree run interleaved (A B C ... then ... C B A)
+  for a number of rounds in this one process. A time is the median over the
+  rounds; a ratio is the median over rounds of the per-round ratio, so a load
+  spike hits both sides of a comparison alike.
+* "in place" cases donate the gradient and state buffers (``donate_argnums``)
+  and feed the outputs back as the next inputs, as a jitted train step does;
+  ``torch.nn.utils.clip_grad_norm_`` also works in place. "fresh output" cases
+  write a new output tree on every call.
+* Peak memory is ``argument + output + temp - alias`` bytes from the compiled
+  executable's ``memory_analysis()``.
+
+No timing here is asserted by any test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+# PyTorch's OpenMP workers otherwise spin after each call and steal the cores
+# from the XLA call that follows in the interleaved loop.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import clipjax  # noqa: E402
+
+try:
+  import torch  # noqa: E402
+except ImportError:  # the benchmark extras are optional for a quick look
+  torch = None
+
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+TOTAL = 25_000_000
+ADAPTIVE = ("adaptive_grad_clip", "autoclip", "zclip", "adagc", "quantile_clip")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Trees ------------------------------------------------------------------------
+
+
+def synthetic_tree(n_leaves: int, total: int, seed: int) -> dict[str, jax.Array]:
+  """``n_leaves`` float32 matrices holding ``total`` elements together."""
+  per = total // n_leaves
+  rows = max(1, int(round(np.sqrt(per / 2.5))))
+  while per % rows:
+    rows -= 1
+  keys = jax.random.split(jax.random.key(seed), n_leaves)
+  return {f"w{i:04d}": jax.random.normal(k, (rows, per // rows), jnp.float32)
+          for i, k in enumerate(keys)}
+
+
+def flax_transformer_params(scale: float) -> Any:
+  """Parameters of a small GPT-style transformer built and initialised with flax.linen."""
+  import flax.linen as nn
+
+  d, heads, layers, vocab, context = 320, 5, 16, 8192, 256
+  if scale < 1.0:
+    d, layers, vocab = 64, 4, 512
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h)
+      h = nn.LayerNorm()(x)
+      h = nn.gelu(nn.Dense(4 * d)(h))
+      return x + nn.Dense(d)(h)
+
+  class Transformer(nn.Module):
+
+    @nn.compact
+    def __call__(self, tokens):
+      x = nn.Embed(vocab, d)(tokens)
+      x = x + self.param("position", nn.initializers.normal(0.02), (context, d))[:tokens.shape[1]]
+      for _ in range(layers):
+        x = Block()(x)
+      return nn.Dense(vocab)(nn.LayerNorm()(x))
+
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return jax.jit(Transformer().init)(jax.random.key(0), tokens)["params"]
+
+
+def like(tree: Any, seed: int, std: float = 1.0) -> Any:
+  """A random tree with the shapes and dtypes of ``tree``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, x.dtype)
+                                      for k, x in zip(keys, leaves)])
+
+
+def copy_tree(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+# Cases ------------------------------------------------------------------------
+
+
+class Case:
+  """One timed operation; ``step()`` runs it once and waits for the result."""
+
+  def __init__(self, name: str, step: Callable[[], None], *, compile_s: float | None = None,
+               memory: Any = None, donated: bool = False):
+    self.name = name
+    self.step = step
+    self.compile_s = compile_s
+    self.memory = memory
+    self.donated = donated
+    self.times: list[float] = []
+
+  def timed(self) -> float:
+    start = time.perf_counter()
+    self.step()
+    return time.perf_counter() - start
+
+
+def jax_case(name: str, fn: Callable[..., Any], args: tuple, *, donate: tuple[int, ...] = (),
+             carry: Callable[[tuple, Any], tuple] | None = None) -> Case:
+  """Compiles ``fn(*args)``; each step feeds ``carry(args, out)`` back as the next args."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  current = [args]
+
+  def step():
+    out = compiled(*current[0])
+    jax.block_until_ready(out)
+    if carry is not None:
+      current[0] = carry(current[0], out)
+
+  return Case(name, step, compile_s=compile_s, memory=compiled.memory_analysis(),
+              donated=bool(donate))
+
+
+def update_case(name: str, tx: optax.GradientTransformation, grads: Any, params: Any, *,
+                in_place: bool, needs_params: bool = False, keep_state: bool = True) -> Case:
+  """A case running ``tx.update`` on ``grads``, in place (donated) or to a fresh output."""
+  state = tx.init(params)
+  p = params if needs_params else None
+  if in_place:
+    grads = copy_tree(grads)
+  if keep_state:
+    def fn(g, s, p):
+      return tx.update(g, s, p)
+
+    def carry(args, out):
+      return (out[0] if in_place else args[0], out[1], args[2])
+    donate = (0, 1) if in_place else ()
+  else:
+    def fn(g, s, p):
+      return tx.update(g, s, p)[0]
+
+    def carry(args, out):
+      return (out if in_place else args[0], args[1], args[2])
+    donate = (0,) if in_place else ()
+  return jax_case(name, fn, (grads, state, p), donate=donate, carry=carry)
+
+
+def train_case(name: str, tx: optax.GradientTransformation, grads: Any, params: Any) -> Case:
+  """One optimizer step ``params ← params + tx.update(grads)``, params and state donated."""
+  params = copy_tree(params)
+  state = tx.init(params)
+
+  def fn(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  def carry(args, out):
+    return (out[0], out[1], args[2])
+
+  return jax_case(name, fn, (params, state, grads), donate=(0, 1), carry=carry)
+
+
+def torch_case(grads: Any) -> Case | None:
+  if torch is None:
+    return None
+  tensors = []
+  for leaf in jax.tree.leaves(grads):
+    t = torch.zeros(leaf.shape, dtype=torch.float32, requires_grad=True)
+    t.grad = torch.from_numpy(np.array(leaf))
+    tensors.append(t)
+
+  def step():
+    torch.nn.utils.clip_grad_norm_(tensors, 1.0, foreach=True)
+
+  return Case("torch clip_grad_norm_ (foreach)", step, donated=True)
+
+
+# Names of the cases, used by the goals and the tables.
+READ = "clipjax.global_norm (one read pass)"
+OPTAX_READ = "optax.global_norm"
+CGN, OCGN = "clipjax.clip_by_global_norm", "optax.clip_by_global_norm"
+FRESH = " [fresh output]"
+NO_STATS = "clipjax.clip_by_global_norm, updates only"
+TORCH = "torch clip_grad_norm_ (foreach)"
+ADAM, CLIP_ADAM, OPTAX_CLIP_ADAM = ("optax.adam", "clipjax.clip_by_global_norm + adam",
+                                    "optax.clip_by_global_norm + adam")
+
+
+def clipper_pairs() -> list[tuple[str, optax.GradientTransformation | None, str | None,
+                                  optax.GradientTransformation | None, bool]]:
+  """(clipjax name, transform, optax name, optax transform or None, needs params)."""
+  pairs = [
+      ("clip_by_global_norm", clipjax.clip_by_global_norm(1.0), "clip_by_global_norm",
+       optax.clip_by_global_norm(1.0), False),
+      ("clip_by_norm", clipjax.clip_by_norm(1.0), None, None, False),
+      ("clip", clipjax.clip(1e-4), "clip", optax.clip(1e-4), False),
+      ("clip_by_block_rms", clipjax.clip_by_block_rms(1e-4), "clip_by_block_rms",
+       optax.clip_by_block_rms(1e-4), False),
+  ]
+  for name in ADAPTIVE:
+    if not hasattr(clipjax, name):
+      continue
+    if name == "adaptive_grad_clip":
+      pairs.append((name, clipjax.adaptive_grad_clip(0.01), name,
+                    optax.adaptive_grad_clip(0.01), True))
+    else:
+      pairs.append((name, getattr(clipjax, name)(), None, None, False))
+  return pairs
+
+
+def build_cases(grads: Any, params: Any, log: Callable[[str], None]) -> list[Case]:
+  cases: list[Case] = []
+
+  def add(case: Case | None) -> None:
+    if case is not None:
+      cases.append(case)
+      if case.compile_s is not None:
+        log(f"    compiled {case.name} in {case.compile_s:.2f} s")
+
+  add(jax_case(READ, clipjax.global_norm, (grads,)))
+  add(jax_case(OPTAX_READ, optax.global_norm, (grads,)))
+  for cj_name, cj_tx, ox_name, ox_tx, needs_params in clipper_pairs():
+    add(update_case(f"clipjax.{cj_name}", cj_tx, grads, params, in_place=True,
+                    needs_params=needs_params))
+    if ox_tx is not None:
+      add(update_case(f"optax.{ox_name}", ox_tx, grads, params, in_place=True,
+                      needs_params=needs_params))
+  add(update_case(NO_STATS, clipjax.clip_by_global_norm(1.0), grads, params, in_place=True,
+                  keep_state=False))
+  add(update_case(CGN + FRESH, clipjax.clip_by_global_norm(1.0), grads, params, in_place=False))
+  add(update_case(OCGN + FRESH, optax.clip_by_global_norm(1.0), grads, params, in_place=False))
+  add(torch_case(grads))
+  add(train_case(ADAM, optax.adam(1e-3), grads, params))
+  add(train_case(CLIP_ADAM, optax.chain(clipjax.clip_by_global_norm(1.0), optax.adam(1e-3)),
+                 grads, params))
+  add(train_case(OPTAX_CLIP_ADAM, optax.chain(optax.clip_by_global_norm(1.0),
+                                              optax.adam(1e-3)), grads, params))
+  return cases
+
+
+def run_interleaved(cases: list[Case], *, warmup: int, min_rounds: int, max_rounds: int,
+                    budget_s: float, log: Callable[[str], None]) -> int:
+  """Runs all cases round after round (alternating direction) until the budget is spent."""
+  for case in cases:
+    for _ in range(warmup):
+      case.step()
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < max_rounds:
+    order = cases if rounds % 2 == 0 else cases[::-1]
+    for case in order:
+      case.times.append(case.timed())
+    rounds += 1
+    elapsed = time.perf_counter() - start
+    if rounds % 5 == 0:
+      log(f"    round {rounds}: {elapsed:.0f} s")
+    if rounds >= min_rounds and elapsed * (rounds + 1) / rounds > budget_s:
+      break
+  return rounds
+
+
+def median_ms(case: Case) -> float:
+  return 1e3 * statistics.median(case.times)
+
+
+def ratio(a: Case, b: Case) -> float:
+  """Median over rounds of ``a``'s time over ``b``'s time in the same round."""
+  return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+
+def peak_bytes(memory: Any) -> int:
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
+# Compile time -------------------------------------------------------------------
+
+
+def compile_times(grads: Any, reps: int, log: Callable[[str], None]) -> dict[str, list[float]]:
+  """Lower + compile of a fresh jit of each library's clip_by_global_norm, interleaved."""
+  makers = {CGN: lambda: clipjax.clip_by_global_norm(1.0),
+            OCGN: lambda: optax.clip_by_global_norm(1.0)}
+  out: dict[str, list[float]] = {name: [] for name in makers}
+  for rep in range(reps):
+    for name, make in (makers.items() if rep % 2 == 0 else reversed(makers.items())):
+      tx = make()
+      state = tx.init(grads)
+
+      def fn(g, s, tx=tx):
+        return tx.update(g, s)
+
+      start = time.perf_counter()
+      jax.jit(fn, donate_argnums=(0, 1)).lower(grads, state).compile()
+      out[name].append(time.perf_counter() - start)
+  log("    " + ", ".join(f"{k}: {statistics.median(v):.2f} s" for k, v in out.items()))
+  return out
+
+
+# Report -------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def versions() -> str:
+  parts = [f"Python {platform.python_version()}", f"jax {jax.__version__}",
+           f"jaxlib {jax.lib.__version__}" if hasattr(jax.lib, "__version__") else "",
+           f"optax {optax.__version__}", f"clipjax {clipjax.__version__}"]
+  try:
+    import flax
+    parts.append(f"flax {flax.__version__}")
+  except ImportError:
+    pass
+  if torch is not None:
+    parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+  return ", ".join(p for p in parts if p)
+
+
+def verdict(ok: bool) -> str:
+  return "met" if ok else "**not met**"
+
+
+class Report:
+
+  def __init__(self):
+    self.lines: list[str] = []
+
+  def __call__(self, line: str = "") -> None:
+    self.lines.append(line)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="small trees and few rounds: checks that the script runs")
+  parser.add_argument("--budget", type=float, default=50.0,
+                      help="seconds of interleaved timing per tree (default 50)")
+  parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+  args = parser.parse_args()
+
+  t0 = time.perf_counter()
+
+  def log(msg: str) -> None:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"[{time.perf_counter() - t0:6.1f} s, {rss:4.1f} GB] {msg}", flush=True)
+
+  if torch is not None:
+    torch.set_num_threads(2)
+  scale = 0.01 if args.quick else 1.0
+  total = int(TOTAL * scale)
+  budget = 3.0 if args.quick else args.budget
+  min_rounds, max_rounds = (3, 5) if args.quick else (15, 101)
+  load_before = os.getloadavg()
+  started = datetime.datetime.now(datetime.timezone.utc)
+  log(f"clipjax benchmarks on {cpu_model()}, {os.cpu_count()} cores; {versions()}")
+
+  trees = [("10 leaves", lambda: synthetic_tree(10, total, 0)),
+           ("1000 leaves", lambda: synthetic_tree(1000, total, 1)),
+           ("Flax transformer", lambda: flax_transformer_params(scale))]
+  results = []
+  for label, make in trees:
+    log(f"{label}: building the tree")
+    params = make()
+    grads = like(params, seed=7, std=1.0)
+    n_leaves = len(jax.tree.leaves(grads))
+    n_params = sum(x.size for x in jax.tree.leaves(grads))
+    label = f"{label} ({n_leaves} leaves, {n_params / 1e6:.1f}M params)"
+    log(f"{label}: compiling")
+    cases = build_cases(grads, params, log)
+    log(f"{label}: timing {len(cases)} cases, interleaved")
+    rounds = run_interleaved(cases, warmup=2, min_rounds=min_rounds, max_rounds=max_rounds,
+                             budget_s=budget, log=log)
+    compiles = None
+    if n_leaves == 1000:
+      log(f"{label}: compile time, interleaved")
+      compiles = compile_times(grads, 3 if args.quick else 7, log)
+    results.append(dict(label=label, n_leaves=n_leaves, grad_bytes=tree_bytes(grads),
+                        cases={c.name: c for c in cases}, rounds=rounds, compiles=compiles))
+    for case in cases:  # free the buffers before the next tree
+      case.step = None
+    del cases, params, grads
+
+  finished = datetime.datetime.now(datetime.timezone.utc)
+  load_after = os.getloadavg()
+  report = Report()
+  write_report(report, results, started=started, finished=finished,
+               load=(load_before, load_after), elapsed=time.perf_counter() - t0,
+               quick=args.quick)
+  text = "\n".join(report.lines) + "\n"
+  print(text)
+  with open(args.out, "w") as f:
+    f.write(text)
+  log(f"wrote {args.out}")
+
+
+def write_report(r: Report, results: list[dict], *, started, finished, load, elapsed,
+                 quick: bool) -> None:
+  r("# clipjax benchmarks")
+  r()
+  if quick:
+    r("**Quick mode (`--quick`): tiny trees, a few rounds; these figures mean nothing.**")
+    r()
+  r(f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} "
+    f"{platform.release()}, CPU only (`{jax.devices()[0].platform}` backend)")
+  r(f"- Software: {versions()}")
+  r(f"- Date: {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min")
+  r(f"- Load average (1, 5, 15 min): {load[0][0]:.2f}, {load[0][1]:.2f}, {load[0][2]:.2f} at the"
+    f" start, {load[1][0]:.2f}, {load[1][1]:.2f}, {load[1][2]:.2f} at the end")
+  r("- Command: `make bench` (runs `python benchmarks/bench_clip.py`)")
+  r()
+  r("Times are medians over interleaved rounds (every case once per round, warm-up excluded);"
+    " ratios are medians of the per-round ratios. *In place* means the gradient and state"
+    " buffers are donated (`donate_argnums`), as in a jitted train step; PyTorch's"
+    " `clip_grad_norm_` works in place too. *Fresh output* writes a new tree each call."
+    " Peak memory is argument + output + temp − alias bytes from"
+    " `compiled.memory_analysis()`.")
+  r()
+
+  # Goals
+  r("## Goals")
+  r()
+  r("| goal | tree | figure | verdict |")
+  r("|---|---|---|---|")
+  for res in results:
+    c = res["cases"]
+    if res["n_leaves"] in (10, 1000):
+      x = ratio(c[CGN], c[OCGN])
+      r(f"| clip_by_global_norm ≤ optax (in place) | {res['label']} | {x:.3f}× | "
+        f"{verdict(x <= 1.0)} |")
+      x = ratio(c[CGN + FRESH], c[OCGN + FRESH])
+      r(f"| clip_by_global_norm ≤ optax (fresh output) | {res['label']} | {x:.3f}× | "
+        f"{verdict(x <= 1.0)} |")
+      x = ratio(c[CGN], c[READ])
+      r(f"| clip_by_global_norm ≤ 3.3× one read pass (in place) | {res['label']} | {x:.2f}× | "
+        f"{verdict(x <= 3.3)} |")
+      x = ratio(c[CGN + FRESH], c[READ])
+      r(f"| clip_by_global_norm ≤ 3.3× one read pass (fresh output) | {res['label']} | "
+        f"{x:.2f}× | {verdict(x <= 3.3)} |")
+      x = ratio(c[CLIP_ADAM], c[ADAM])
+      r(f"| clip + adam ≤ 1.15× adam | {res['label']} | {x:.3f}× | {verdict(x <= 1.15)} |")
+    if res["compiles"]:
+      cj = statistics.median(res["compiles"][CGN])
+      ox = statistics.median(res["compiles"][OCGN])
+      r(f"| compile time ≤ optax | {res['label']} | {cj:.2f} s vs {ox:.2f} s "
+        f"({cj / ox:.2f}×) | {verdict(cj <= ox)} |")
+    x = peak_bytes(c[CGN].memory) / res["grad_bytes"]
+    r(f"| peak memory with donation ≤ 1.05× gradient bytes | {res['label']} | {x:.3f}× | "
+      f"{verdict(x <= 1.05)} |")
+    for name in ADAPTIVE:
+      key = f"clipjax.{name}"
+      if key in c:
+        x = ratio(c[key], c[CGN])
+        r(f"| {name} ≤ 1.1× clip_by_global_norm | {res['label']} | {x:.3f}× | "
+          f"{verdict(x <= 1.1)} |")
+    x = ratio(c[CGN], c[NO_STATS])
+    r(f"| keeping clip_stats costs ≤ 2% | {res['label']} | {100 * (x - 1):+.1f}% | "
+      f"{verdict(x <= 1.02)} |")
+  r()
+
+  # Times
+  for res in results:
+    c = res["cases"]
+    r(f"## {res['label']}")
+    r()
+    r(f"{res['rounds']} interleaved rounds; gradients {res['grad_bytes'] / 1e6:.0f} MB.")
+    r()
+    r("| case | median ms | × read pass | × optax | peak memory × grads | compile s |")
+    r("|---|---:|---:|---:|---:|---:|")
+    for name, case in c.items():
+      rel_read = f"{ratio(case, c[READ]):.2f}"
+      other = None
+      if name.startswith("clipjax."):
+        candidate = "optax." + name[len("clipjax."):]
+        if name == CLIP_ADAM:
+          candidate = OPTAX_CLIP_ADAM
+        if name == NO_STATS:
+          candidate = OCGN
+        other = c.get(candidate)
+      if name == TORCH:
+        other = c.get(OCGN)
+      rel_optax = f"{ratio(case, other):.3f}" if other is not None else "—"
+      if name.startswith("clipjax.clip_by_norm") or (
+          name.startswith("clipjax.") and other is None and name != READ):
+        rel_optax = "no optax equivalent"
+      if name == READ:
+        rel_optax = f"{ratio(case, c[OPTAX_READ]):.3f}"
+      mem = (f"{peak_bytes(case.memory) / res['grad_bytes']:.3f}"
+             if case.memory is not None else "—")
+      comp = f"{case.compile_s:.2f}" if case.compile_s is not None else "—"
+      shown = name + (" [in place]" if case.donated and FRESH not in name
+                      and name not in (READ, OPTAX_READ) else "")
+      r(f"| {shown} | {median_ms(case):.2f} | {rel_read} | {rel_optax} | {mem} | {comp} |")
+    r()
+    x = ratio(c[TORCH], c[CGN]) if TORCH in c else None
+    if x is not None:
+      r(f"PyTorch `clip_grad_norm_(foreach=True)` takes {x:.2f}× the time of clipjax's"
+        " in-place `clip_by_global_norm` (interleaved).")
+      r()
+  r("Notes: `clip_by_norm` (per tensor) has no optax counterpart. `clip_stats` cannot be switched"
+    " off: *updates only* jits an update that returns only the updates, so XLA drops the"
+    " statistics; the goal compares it with the full update (updates + state).")
+
+
+if __name__ == "__main__":
+  main()
