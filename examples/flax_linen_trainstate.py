@@ -14,7 +14,7 @@ minibatches.
 
 Run it with::
 
-  python examples/flax_linen_trainstate.py           # 20 epochs, >= 90% test accuracy
+  python examples/flax_linen_trainstate.py           # 10 epochs, >= 90% test accuracy
   python examples/flax_linen_trainstate.py --quick   # 2 epochs, for tests
 """
 
@@ -61,7 +61,7 @@ def load_data(seed: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="2 epochs (for tests)")
-  parser.add_argument("--epochs", type=int, default=20)
+  parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
