@@ -66,7 +66,7 @@ class Config:
 
 
 FULL = Config()
-QUICK = Config(hidden=16, steps=40, chunk=20)
+QUICK = Config(hidden=8, steps=20, chunk=10)
 
 
 # Methods ----------------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Every example runs in its quick mode, as a user would run it, and prints what it promises."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str) -> str:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user has; not the suite's eight
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
+                        text=True, env=env, timeout=300, check=False)
+  assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+  return proc.stdout
+
+
+def test_compare_clipping(tmp_path):
+  out = run_example("compare_clipping.py", "--quick", "--out", str(tmp_path))
+  header = out.index("method")
+  assert "train loss" in out[header:] and "test acc" in out[header:]
+  for name in ["none", "value", "per-tensor norm", "global norm", "global norm + floor", "AGC",
+               "AutoClip", "ZClip", "AdaGC", "quantile"]:
+    assert f"\n{name} " in out, name
+  png = tmp_path / "compare_clipping_quick.png"
+  assert f"plot written to {png}" in out
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("name", ["flax_linen_trainstate.py", "flax_nnx.py"])
+def test_flax(name):
+  out = run_example(name, "--quick")
+  epochs = [line for line in out.splitlines() if line.startswith("epoch")]
+  assert len(epochs) == 2
+  for line in epochs:
+    assert "clip_by_global_norm: norm" in line and "clipped" in line
+  accuracy = float(out.split("final test accuracy: ")[1].split("%")[0])
+  assert accuracy > 50.0  # two epochs; the full run reaches >= 90% and checks it itself
+
+
+def test_linear_regression():
+  out = run_example("linear_regression.py", "--quick")
+  error = float(out.split("max |fitted - closed form| = ")[1].split()[0])
+  assert error < 1e-2
+  assert "OK:" in out
