@@ -14,6 +14,7 @@ def run_example(name: str, *args: str) -> str:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user has; not the suite's eight
   env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONWARNINGS"] = "error"  # as in the test suite, a warning is an error
   proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
                         text=True, env=env, timeout=300, check=False)
   assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
