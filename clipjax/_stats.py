@@ -4,6 +4,7 @@ from collections import Counter
 from typing import Any
 
 import jax
+import numpy as np
 
 from . import _base
 
@@ -13,7 +14,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
 
   Finds the state of each clipjax transform anywhere in ``opt_state`` (inside
   ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-  ``optax.masked``, Flax training states, ...) and returns its last step's
+  ``optax.masked``, Flax ``TrainState`` and ``nnx.Optimizer`` states, ...) and
+  returns its last step's
   statistics as ``"<transform>/<field>"``: ``norm``, ``threshold``, ``scale``,
   ``clipped``, ``finite``, plus any extra statistics the transform keeps. When
   a state holds two transforms of the same kind, each is named with its
@@ -47,8 +49,16 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     prefix = kind if kinds[kind] == 1 else f"{kind}_{seen[kind]}"
     seen[kind] += 1
     for field, value in node.stats._asdict().items():
-      out[f"{prefix}/{field}"] = value
+      out[f"{prefix}/{field}"] = _unwrap(value)
   return out
+
+
+def _unwrap(value: Any) -> Any:
+  """The array inside a one-leaf wrapper (a Flax NNX ``OptArray``), else ``value``."""
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return value
+  leaves = jax.tree.leaves(value)
+  return leaves[0] if len(leaves) == 1 else value
 
 
 def _is_clip_state(node: Any) -> bool:

@@ -10,7 +10,7 @@ with ``clipjax.inverse_sqrt_decay`` as the learning-rate schedule, wrapped as
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and stepped with
 ``optimizer.update(model, grads)`` inside ``nnx.jit``. The clip statistics are
 read from ``optimizer.opt_state`` with
-``clipjax.clip_stats(nnx.as_pure(optimizer.opt_state))`` and logged every
+``clipjax.clip_stats(optimizer.opt_state)`` and logged every
 epoch.
 
 Run it with::
@@ -71,7 +71,7 @@ def train_step(model: CNN, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array)
   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
   optimizer.update(model, grads)
   # The optimizer keeps its state as nnx Variables; nnx.as_pure gives the arrays.
-  return loss, clipjax.clip_stats(nnx.as_pure(optimizer.opt_state))
+  return loss, clipjax.clip_stats(optimizer.opt_state)
 
 
 @nnx.jit
@@ -111,7 +111,7 @@ def main() -> None:
       losses.append(loss)
       norms.append(stats["clip_by_global_norm/norm"])
       clipped.append(stats["clip_by_global_norm/clipped"])
-    last = clipjax.clip_stats(nnx.as_pure(optimizer.opt_state))  # the epoch's last step
+    last = clipjax.clip_stats(optimizer.opt_state)  # the epoch's last step
     print(f"epoch {epoch:2d}  loss {float(np.mean(losses)):.4f}  "
           f"test accuracy {100 * float(accuracy(model, x_test, y_test)):5.1f}%  "
           f"clip_by_global_norm: norm {float(last['clip_by_global_norm/norm']):.3f} "

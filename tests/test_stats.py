@@ -80,3 +80,20 @@ def test_nan_step_reports_not_finite():
 def test_no_clipjax_state_gives_empty_dict():
   assert clipjax.clip_stats(optax.adam(1e-3).init(PARAMS)) == {}
   assert clipjax.clip_stats(None) == {}
+
+
+def test_through_flax_nnx_optimizer_state():
+  from flax import nnx
+
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  tx = optax.chain(clipjax.clip_by_global_norm(1.0), optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 2))) ** 2))(model)
+  expected = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
+                         for g in jax.tree.leaves(nnx.state(grads))))
+  optimizer.update(model, grads)
+  stats = clipjax.clip_stats(optimizer.opt_state)
+  # Plain arrays, not nnx wrappers: ready for np.mean or a logger.
+  assert isinstance(stats["clip_by_global_norm/norm"], jax.Array)
+  np.testing.assert_allclose(float(stats["clip_by_global_norm/norm"]), expected, rtol=1e-6)
+  assert bool(stats["clip_by_global_norm/clipped"])
