@@ -121,10 +121,10 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
   """Per-leaf local partials, stacked as ``[3, n_leaves]`` (plain, shrunk, grown).
 
   Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``. Rows 1 and 2 hold the
-  same sums over ``x * 2**-k`` and ``x * 2**k``. They are computed from the
-  data only when row 0 overflowed on this device, or (with ``small``) when
-  some partial is so small that its squares may have underflowed; that is a
-  rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
+  same sums over ``x * 2**-k`` and ``x * 2**k``. Row 1 is computed from the
+  data only when row 0 overflowed on this device, row 2 only (with ``small``)
+  when some partial is so small that its squares may have underflowed; that
+  is a rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
   common case reads each leaf once.
   """
   plain = materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
@@ -148,8 +148,11 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
     return jnp.stack([times(plain, shrink), times(plain, grow)])
 
   def recomputed(_):
-    return jnp.stack([jnp.stack([_partial(leaf, ord, acc, 2.0**-k) for leaf in leaves]),
-                      jnp.stack([_partial(leaf, ord, acc, 2.0**k) for leaf in leaves])])
+    shrunk = jnp.stack([_partial(leaf, ord, acc, 2.0**-k) for leaf in leaves])
+    if not small:
+      # Only overflow is rescued: the grown row is not read where plain is large.
+      return jnp.stack([shrunk, times(plain, grow)])
+    return jnp.stack([shrunk, jnp.stack([_partial(leaf, ord, acc, 2.0**k) for leaf in leaves])])
 
   fine = jnp.all(jnp.isfinite(plain))
   if small:
