@@ -69,28 +69,45 @@ def launch(args) -> int:
             str(args.num_processes), "--cpu-devices", str(args.cpu_devices), "--steps",
             str(args.steps), "--max-norm", str(args.max_norm)]
   print(f"launching {args.num_processes} processes, coordinator 127.0.0.1:{port}", flush=True)
+  # Separate pipes: each process sends native output (gloo's) to stderr and keeps
+  # stdout for its own lines, so the two never interleave.
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--process-id", str(i),
-                             *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
            for i in range(args.num_processes)]
   status = 0
   for i, p in enumerate(procs):
     try:
-      out, _ = p.communicate(timeout=TIMEOUT)
+      out, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      out, _ = p.communicate()
+      out, err = p.communicate()
       print(f"process {i} timed out after {TIMEOUT}s")
-    lines = [line for line in out.splitlines() if not line.startswith("[Gloo]")]
+    lines = out.splitlines() + [f"stderr: {line}" for line in err.splitlines()
+                                if line.strip() and "[Gloo]" not in line
+                                and "connected to" not in line]
     print("\n".join(f"[{i}] {line}" for line in lines), flush=True)
     status = status or p.returncode or 0
   print("OK: all processes agree" if status == 0 else f"FAILED (exit status {status})")
   return status
 
 
+def _native_output_to_stderr() -> None:
+  """Sends what native libraries print (gloo writes to stdout) to stderr.
+
+  Python's own lines keep a private copy of stdout, so a native write can never
+  land in the middle of one of them.
+  """
+  sys.stdout.flush()
+  own = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(own, "w", buffering=1)
+
+
 def run(args) -> int:
   """One process of the group: join, clip sharded gradients, check the results."""
+  _native_output_to_stderr()
   import jax  # noqa: PLC0415 - configured before JAX starts its backend
 
   if args.cpu_devices > 0:
