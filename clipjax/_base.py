@@ -120,7 +120,7 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
     raise ValueError(f"{name}={value!r} must be a number") from None
   if array.ndim != 0:
     raise ValueError(f"{name}={value!r} must be a scalar")
-  if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+  if not np.issubdtype(array.dtype, np.number):  # bools are not numbers here
     raise ValueError(f"{name}={value!r} must be a number")
   number = float(array)
   shown = value if isinstance(value, (int, float)) else number

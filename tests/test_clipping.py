@@ -227,6 +227,8 @@ def test_bad_arguments_raise_naming_the_argument(factory):
     factory("big")
   with pytest.raises(ValueError, match=r"must be a scalar"):
     factory(jnp.ones(2))
+  with pytest.raises(ValueError, match=r"max_norm=True must be a number"):
+    factory(True)
 
 
 def test_clip_and_block_rms_bad_arguments():
