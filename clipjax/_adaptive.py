@@ -35,29 +35,6 @@ def _keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(finite, new, old)
 
 
-def _check_steps(name: str, value: Any, *, minimum: int) -> int | None:
-  """Validates a count argument (an int, or a concrete integer array).
-
-  Returns the value as a Python int, or ``None`` when it is traced (under
-  ``optax.inject_hyperparams``), in which case it is not checked.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return None
-  if isinstance(value, bool):
-    raise ValueError(f"{name}={value!r} must be an int")
-  if not isinstance(value, int):
-    try:
-      array = np.asarray(value)
-    except TypeError:
-      raise ValueError(f"{name}={value!r} must be an int") from None
-    if array.ndim != 0 or not np.issubdtype(array.dtype, np.integer):
-      raise ValueError(f"{name}={value!r} must be an int")
-    value = int(array)
-  if value < minimum:
-    raise ValueError(f"{name}={value} must be >= {minimum}")
-  return value
-
-
 # AGC --------------------------------------------------------------------------
 
 
@@ -299,7 +276,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   """
   _base.check_number("percentile", percentile, minimum=0.0, maximum=100.0,
                      allow_schedule=False)
-  size = _check_steps("history", history, minimum=1)
+  size = _base.check_int("history", history, minimum=1)
 
   def init_fn(params):
     del params
@@ -405,7 +382,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   _base.check_number("alpha", alpha, minimum=0.0, maximum=1.0, strict_max=True,
                      allow_schedule=False)
   _base.check_number("z_thresh", z_thresh, strict_min=True, allow_schedule=False)
-  _check_steps("warmup_steps", warmup_steps, minimum=1)
+  _base.check_int("warmup_steps", warmup_steps, minimum=1)
   _base.check_number("max_norm", max_norm, allow_none=True)
 
   def init_fn(params):
@@ -535,7 +512,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   _base.check_number("lambda_rel", lambda_rel, strict_min=True, allow_schedule=False)
   _base.check_number("beta", beta, minimum=0.0, maximum=1.0, strict_max=True,
                      allow_schedule=False)
-  _check_steps("warmup_steps", warmup_steps, minimum=0)
+  _base.check_int("warmup_steps", warmup_steps, minimum=0)
 
   def init_fn(params):
     n = len(jax.tree.leaves(params))

@@ -96,8 +96,10 @@ def is_concrete(value: Any) -> bool:
 def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
                  maximum: float | None = None, strict_min: bool = False,
                  strict_max: bool = False, allow_none: bool = False,
-                 allow_schedule: bool = True) -> None:
+                 allow_schedule: bool = True, finite: bool = False) -> None:
   """Validates a concrete scalar argument; tracers and schedules pass unchecked.
+
+  With ``finite``, an infinite value is rejected too.
 
   Raises ``ValueError`` naming the argument and its value, e.g.
   ``max_norm=-1.0 must be >= 0``.
@@ -136,6 +138,8 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
       raise ValueError(f"{name}={shown} must be < {maximum:g}")
     if not strict_max and not number <= maximum:
       raise ValueError(f"{name}={shown} must be <= {maximum:g}")
+  if finite and number in (float("inf"), float("-inf")):
+    raise ValueError(f"{name}={shown} must be finite")
 
 
 def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
@@ -146,10 +150,25 @@ def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
     raise ValueError(f"{low_name}={low} must be <= {high_name}={high}")
 
 
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-  """Validates a static integer argument (sizes and step counts)."""
-  if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value: Any, *, minimum: int) -> int | None:
+  """Validates an integer argument (a size or a step count).
+
+  Accepts a Python int or a concrete integer array and returns it as an int;
+  returns ``None`` for a tracer (``optax.inject_hyperparams`` injects every
+  numeric argument), which is not checked.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, bool):
     raise ValueError(f"{name}={value!r} must be an int")
+  if not isinstance(value, int):
+    try:
+      array = np.asarray(value)
+    except TypeError:
+      raise ValueError(f"{name}={value!r} must be an int") from None
+    if array.ndim != 0 or not np.issubdtype(array.dtype, np.integer):
+      raise ValueError(f"{name}={value!r} must be an int")
+    value = int(array)
   if value < minimum:
     raise ValueError(f"{name}={value} must be >= {minimum}")
   return value

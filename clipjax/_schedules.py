@@ -8,44 +8,19 @@ step enters the formulas as ``(T - t) / T`` or ``(T + t) / T`` rather than
 rounded once and the result stays within a few float32 ulps of the exact value.
 """
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
+from . import _base
+
 
 def _check(name: str, value: Any, *, positive: bool = False) -> None:
-  """Validates a concrete argument: a finite number, ``>= 0`` (``> 0`` if ``positive``).
-
-  Tracers pass unchecked. The value is read with NumPy, never with a JAX
-  operation, so a schedule can also be built inside a traced function.
-  """
-  if callable(value):
-    raise ValueError(f"{name}={value!r} must be a number, not a schedule")
-  if isinstance(value, jax.core.Tracer):
-    return
-  try:
-    array = np.asarray(value)
-  except TypeError:
-    raise ValueError(f"{name}={value!r} must be a number") from None
-  if array.ndim != 0:
-    raise ValueError(f"{name}={value!r} must be a scalar")
-  if not (jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)):
-    raise ValueError(f"{name}={value!r} must be a number")
-  number = float(array)
-  shown = value if isinstance(value, (int, float)) else number
-  if math.isnan(number):
-    raise ValueError(f"{name}={shown} must not be NaN")
-  if positive and not number > 0:
-    raise ValueError(f"{name}={shown} must be > 0")
-  if not number >= 0:
-    raise ValueError(f"{name}={shown} must be >= 0")
-  if math.isinf(number):
-    raise ValueError(f"{name}={shown} must be finite")
+  """A concrete argument must be a finite number, ``>= 0`` (``> 0`` if ``positive``)."""
+  _base.check_number(name, value, strict_min=positive, allow_schedule=False, finite=True)
 
 
 def _constants(*values: jax.typing.ArrayLike) -> tuple[jax.Array, ...]:
