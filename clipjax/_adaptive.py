@@ -53,12 +53,6 @@ class AdaptiveGradClipState(NamedTuple):
   stats: ClipStats
 
 
-def _unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
-  """The sum of squares of each unit of ``x``, reduced over ``axes`` with ``keepdims``."""
-  magnitude = jnp.abs(x).astype(acc)
-  return jnp.sum(magnitude * magnitude, axis=axes, keepdims=True)
-
-
 def _reduce_units(squares: list[jax.Array], flags: list[bool], axis_name: _norms.AxisName
                   ) -> list[jax.Array]:
   """Sums per-unit partials over ``axis_name`` with ONE ``psum`` for all of them.
@@ -68,12 +62,8 @@ def _reduce_units(squares: list[jax.Array], flags: list[bool], axis_name: _norms
   if not squares:
     return squares
   flat = jnp.concatenate([q.ravel() for q in squares])
-  if any(flags):
-    sizes = [q.size for q in squares]
-    shared = jnp.asarray(np.repeat(np.asarray(flags, bool), sizes))
-    first = jax.lax.axis_index(axis_name) == 0
-    flat = jnp.where(~shared | first, flat, jnp.zeros((), flat.dtype))
-  flat = jax.lax.psum(flat, axis_name)
+  shared = np.repeat(np.asarray(flags, bool), [q.size for q in squares])
+  flat = jax.lax.psum(_norms.count_once(flat, shared, axis_name), axis_name)
   out, start = [], 0
   for q in squares:
     out.append(flat[start:start + q.size].reshape(q.shape))
@@ -163,8 +153,8 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
     weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
     acc = _norms.accumulation_dtype(grads + weights)
     axes = [_norms.unit_axes(g, axis) for g in grads]
-    squares = ([_unit_squares(g, a, acc) for g, a in zip(grads, axes)]
-               + [_unit_squares(w, a, acc) for w, a in zip(weights, axes)])
+    squares = ([_norms.unit_squares(g, a, acc) for g, a in zip(grads, axes)]
+               + [_norms.unit_squares(w, a, acc) for w, a in zip(weights, axes)])
     if axis_name is not None:
       flags = _norms.replicated_mask(updates, replicated)
       squares = _reduce_units(squares, flags + flags, axis_name)

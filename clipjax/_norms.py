@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 AxisName = Hashable | tuple[Hashable, ...] | None
@@ -230,17 +231,27 @@ def _all_reduce(partials: jax.Array, tree: Any, axis_name: AxisName, replicated:
   """
   if maximum is True:
     return lax.pmax(partials, axis_name)
-  mask = replicated_mask(tree, replicated)
-  if any(mask):
-    # A sharded leaf counts on every device, a replicated one on index 0 only
-    # (harmless for a traced max: the partials are >= 0 and index 0 keeps them).
-    first = lax.axis_index(axis_name) == 0
-    keep = jnp.logical_or(jnp.logical_not(jnp.asarray(mask)), first)
-    partials = jnp.where(keep[None, :], partials, jnp.zeros((), partials.dtype))
+  # (Masking is harmless for a traced max: the partials are >= 0 and index 0 keeps them.)
+  partials = count_once(partials, np.asarray(replicated_mask(tree, replicated), bool)[None, :],
+                        axis_name)
   if maximum is False:
     return lax.psum(partials, axis_name)
   return lax.cond(maximum, lambda p: lax.pmax(p, axis_name), lambda p: lax.psum(p, axis_name),
                   partials)
+
+
+def count_once(values: jax.Array, shared: np.ndarray, axis_name: AxisName) -> jax.Array:
+  """Zeroes the ``shared`` entries of ``values`` on every device but index 0.
+
+  A sharded value counts on every device, a replicated one (the same on every
+  device of ``axis_name``) only once, when ``values`` is then summed over the
+  axis. ``shared`` is a NumPy bool array broadcastable to ``values``.
+  """
+  if not shared.any():
+    return values
+  first = lax.axis_index(axis_name) == 0
+  keep = jnp.logical_or(jnp.asarray(~shared), first)
+  return jnp.where(keep, values, jnp.zeros((), values.dtype))
 
 
 def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: Partials
@@ -393,11 +404,14 @@ def unitwise_norm(x: jax.typing.ArrayLike,
            [5., 1.]], dtype=float32)
   """
   x = jnp.asarray(x)
-  acc = accumulation_dtype([x])
-  axes = unit_axes(x, axis)
-  magnitude = _magnitude(x, acc)
-  squared = jnp.sum(magnitude * magnitude, axis=axes, keepdims=True)
+  squared = unit_squares(x, unit_axes(x, axis), accumulation_dtype([x]))
   return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
+
+
+def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
+  """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
+  magnitude = _magnitude(x, acc)
+  return jnp.sum(magnitude * magnitude, axis=axes, keepdims=True)
 
 
 def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
