@@ -9,6 +9,7 @@ warm-up counters) exactly as it was: one bad step cannot poison the
 threshold of the steps after it.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -158,26 +159,42 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
     if axis_name is not None:
       flags = _norms.replicated_mask(updates, replicated)
       squares = _reduce_units(squares, flags + flags, axis_name)
-    largest = jnp.zeros((), _F32)
-    smallest_scale = jnp.ones((), _F32)
-    clipped = jnp.zeros((), jnp.bool_)
-    finite = jnp.ones((), jnp.bool_)
-    out = []
-    for g, g_sq, w_sq in zip(grads, squares[:len(grads)], squares[len(grads):]):
+    n = len(grads)
+    eps_acc = jnp.asarray(eps).astype(acc)
+    ratio_limit = jnp.asarray(limit_ratio).astype(acc)
+
+    def rule(g_sq, w_sq):
       g_norm = jnp.sqrt(g_sq)
-      w_norm = jnp.maximum(jnp.sqrt(w_sq), jnp.asarray(eps).astype(acc))
-      limit = jnp.asarray(limit_ratio).astype(acc) * w_norm
-      scale, unit_clipped, unit_finite = _base.scale_rule(g_norm, limit)
-      out.append(_base.scale_leaf(g, scale))
-      if g_norm.size == 0:
-        continue
+      w_norm = jnp.maximum(jnp.sqrt(w_sq), eps_acc)
+      return g_norm, w_norm, _base.scale_rule(g_norm, ratio_limit * w_norm)
+
+    # Each leaf's scale comes from its own per-unit sums, so the rule fuses into
+    # that leaf's multiply; slicing the factors out of one vector would cost
+    # XLA a kernel per leaf.
+    out = [_base.scale_leaf(g, rule(g_sq, w_sq)[2][0])
+           for g, g_sq, w_sq in zip(grads, squares[:n], squares[n:])]
+    # The statistics: the same rule once over all units of the tree (a leaf
+    # explicitly sharded along its units is summarised on its own: flattening
+    # it would need its shards gathered).
+    def summary(g_sq, w_sq):
+      g_norm, w_norm, (scale, unit_clipped, unit_finite) = rule(g_sq, w_sq)
       positive = w_norm > 0
       ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), acc)),
                         jnp.where(g_norm > 0, jnp.inf, 0.0).astype(acc))
-      largest = jnp.maximum(largest, jnp.max(ratio).astype(_F32))
-      smallest_scale = jnp.minimum(smallest_scale, jnp.min(scale).astype(_F32))
-      clipped = clipped | jnp.any(unit_clipped)
-      finite = finite & jnp.all(unit_finite)
+      return (jnp.max(ratio, initial=0.0).astype(_F32), jnp.min(scale, initial=1.0).astype(_F32),
+              jnp.any(unit_clipped), jnp.all(unit_finite))
+
+    pairs = list(zip(squares[:n], squares[n:]))
+    alone = [_norms.is_sharded(g_sq) for g_sq, _ in pairs]
+    flat = [jnp.concatenate([q.ravel() for (q, _), a in zip(pairs, alone) if not a]
+                            + [jnp.zeros((0,), acc)]),
+            jnp.concatenate([q.ravel() for (_, q), a in zip(pairs, alone) if not a]
+                            + [jnp.zeros((0,), acc)])]
+    parts = [summary(*flat)] + [summary(*pair) for pair, a in zip(pairs, alone) if a]
+    largest = functools.reduce(jnp.maximum, [p[0] for p in parts])
+    smallest_scale = functools.reduce(jnp.minimum, [p[1] for p in parts])
+    clipped = functools.reduce(jnp.logical_or, [p[2] for p in parts])
+    finite = functools.reduce(jnp.logical_and, [p[3] for p in parts])
     stats = _base.make_stats(largest, limit_ratio, smallest_scale, clipped, finite)
     return (jax.tree.unflatten(treedef, out),
             AdaptiveGradClipState(count=_base.next_count(state.count), stats=stats))

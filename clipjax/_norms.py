@@ -408,10 +408,42 @@ def unitwise_norm(x: jax.typing.ArrayLike,
   return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
 
 
+# Up to this many rows per unit, unit sums of squares add the rows elementwise.
+_UNROLLED_ROWS = 64
+
+
 def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
   """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
-  magnitude = _magnitude(x, acc)
-  return jnp.sum(magnitude * magnitude, axis=axes, keepdims=True)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = _magnitude(x, acc)
+  else:
+    x = x.astype(acc)  # squares need no abs, which XLA CPU would materialise
+  lead = len(axes)
+  rows = int(np.prod(x.shape[:lead]))
+  kept = (1,) * lead + x.shape[lead:]
+  if (axes == tuple(range(lead)) and lead < x.ndim and 1 < rows <= _UNROLLED_ROWS
+      and jax.default_backend() == "cpu" and not is_sharded(x, axes)):
+    # A reduction over a short leading axis runs up to 30x below memory speed
+    # on XLA CPU; a sum of the rows' squares is one elementwise pass.
+    flat = x.reshape((rows,) + x.shape[lead:])
+    squares = [flat[i] * flat[i] for i in range(rows)]
+    while len(squares) > 1:
+      squares = ([a + b for a, b in zip(squares[::2], squares[1::2])]
+                 + squares[len(squares) - len(squares) % 2:])
+    return squares[0].reshape(kept)
+  return jnp.sum(x * x, axis=axes, keepdims=True)
+
+
+def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
+  """Whether ``x``'s type shards any of ``axes`` (default all) over a mesh axis.
+
+  Only explicit sharding shows in the type; an unknown sharding counts as none.
+  """
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None:
+    return False
+  axes = range(len(spec)) if axes is None else axes
+  return any(i < len(spec) and spec[i] is not None for i in axes)
 
 
 def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:

@@ -132,7 +132,11 @@ def test_replicated_must_be_a_prefix_of_bools():
 
 @pytest.mark.parametrize("shape,axis", [((5,), None), ((1, 5), None), ((4, 3), None),
                                          ((2, 4, 3), None), ((3, 3, 2, 4), None),
-                                         ((2, 2, 2, 3, 4), None), ((4, 3), 1), ((3, 2, 6), (0, 2))])
+                                         ((2, 2, 2, 3, 4), None), ((4, 3), 1), ((3, 2, 6), (0, 2)),
+                                         # Up to 64 rows per unit are added row by row
+                                         # (odd counts, the bound, one past it).
+                                         ((7, 9), None), ((5, 4, 6), None), ((64, 3), None),
+                                         ((65, 3), None), ((2, 3, 5), (0, 1))])
 def test_unitwise_norm_matches_optax_and_numpy(shape, axis):
   x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
   got = clipjax.unitwise_norm(x, axis=axis)
