@@ -164,33 +164,36 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
     ratio_limit = jnp.asarray(limit_ratio).astype(acc)
 
     def rule(g_sq, w_sq):
+      """``(scale, clipped, finite, ‖G‖, max(‖W‖, eps))`` of every unit."""
       g_norm = jnp.sqrt(g_sq)
       w_norm = jnp.maximum(jnp.sqrt(w_sq), eps_acc)
-      return g_norm, w_norm, _base.scale_rule(g_norm, ratio_limit * w_norm)
+      return _base.scale_rule(g_norm, ratio_limit * w_norm) + (g_norm, w_norm)
 
     # Each leaf's scale comes from its own per-unit sums, so the rule fuses into
     # that leaf's multiply; slicing the factors out of one vector would cost
     # XLA a kernel per leaf.
-    out = [_base.scale_leaf(g, rule(g_sq, w_sq)[2][0])
+    out = [_base.scale_leaf(g, rule(g_sq, w_sq)[0])
            for g, g_sq, w_sq in zip(grads, squares[:n], squares[n:])]
+
     # The statistics: the same rule once over all units of the tree (a leaf
     # explicitly sharded along its units is summarised on its own: flattening
     # it would need its shards gathered).
     def summary(g_sq, w_sq):
-      g_norm, w_norm, (scale, unit_clipped, unit_finite) = rule(g_sq, w_sq)
+      scale, unit_clipped, unit_finite, g_norm, w_norm = rule(g_sq, w_sq)
       positive = w_norm > 0
       ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), acc)),
                         jnp.where(g_norm > 0, jnp.inf, 0.0).astype(acc))
       return (jnp.max(ratio, initial=0.0).astype(_F32), jnp.min(scale, initial=1.0).astype(_F32),
               jnp.any(unit_clipped), jnp.all(unit_finite))
 
+    def joined(sums):
+      return jnp.concatenate([q.ravel() for q in sums] + [jnp.zeros((0,), acc)])
+
     pairs = list(zip(squares[:n], squares[n:]))
-    alone = [_norms.is_sharded(g_sq) for g_sq, _ in pairs]
-    flat = [jnp.concatenate([q.ravel() for (q, _), a in zip(pairs, alone) if not a]
-                            + [jnp.zeros((0,), acc)]),
-            jnp.concatenate([q.ravel() for (_, q), a in zip(pairs, alone) if not a]
-                            + [jnp.zeros((0,), acc)])]
-    parts = [summary(*flat)] + [summary(*pair) for pair, a in zip(pairs, alone) if a]
+    alone = [pair for pair in pairs if _norms.is_sharded(pair[0])]
+    together = [pair for pair in pairs if not _norms.is_sharded(pair[0])]
+    parts = ([summary(joined(g for g, _ in together), joined(w for _, w in together))]
+             + [summary(*pair) for pair in alone])
     largest = functools.reduce(jnp.maximum, [p[0] for p in parts])
     smallest_scale = functools.reduce(jnp.minimum, [p[1] for p in parts])
     clipped = functools.reduce(jnp.logical_or, [p[2] for p in parts])
