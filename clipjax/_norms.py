@@ -69,13 +69,17 @@ def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
   return jnp.abs(leaf).astype(acc)
 
 
+def _to_square(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``leaf`` in ``acc``, ready to be squared: real leaves need no abs (a shared
+  ``abs(x)`` is materialised per leaf on XLA CPU), complex ones their modulus."""
+  if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+    return _magnitude(leaf, acc)
+  return leaf.astype(acc)
+
+
 def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> jax.Array:
   """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|."""
-  if ord == 2 and not jnp.issubdtype(leaf.dtype, jnp.complexfloating):
-    # Squares need no abs; a shared abs(x) is materialised per leaf on XLA CPU.
-    x = leaf.astype(acc)
-  else:
-    x = _magnitude(leaf, acc)
+  x = _to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
   if factor != 1.0:
     x = x * _opaque(factor, acc)
   if x.size == 0:
@@ -414,10 +418,7 @@ _UNROLLED_ROWS = 64
 
 def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
   """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    x = _magnitude(x, acc)
-  else:
-    x = x.astype(acc)  # squares need no abs, which XLA CPU would materialise
+  x = _to_square(x, acc)
   lead = len(axes)
   rows = int(np.prod(x.shape[:lead]))
   kept = (1,) * lead + x.shape[lead:]
