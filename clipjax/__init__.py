@@ -3,15 +3,16 @@
 from importlib import metadata as _metadata
 
 from ._adaptive import AdagcState as AdagcState
-from ._adaptive import AdaptiveGradClipState as AdaptiveGradClipState
 from ._adaptive import AutoclipState as AutoclipState
 from ._adaptive import QuantileClipState as QuantileClipState
 from ._adaptive import ZclipState as ZclipState
 from ._adaptive import adagc as adagc
-from ._adaptive import adaptive_grad_clip as adaptive_grad_clip
 from ._adaptive import autoclip as autoclip
 from ._adaptive import quantile_clip as quantile_clip
 from ._adaptive import zclip as zclip
+from ._agc import AdaptiveGradClipState as AdaptiveGradClipState
+from ._agc import adaptive_grad_clip as adaptive_grad_clip
+from ._agc import unitwise_norm as unitwise_norm
 from ._base import ClipStats as ClipStats
 from ._clipping import ClipByBlockRmsState as ClipByBlockRmsState
 from ._clipping import ClipByGlobalNormState as ClipByGlobalNormState
@@ -23,7 +24,6 @@ from ._clipping import clip_by_global_norm as clip_by_global_norm
 from ._clipping import clip_by_norm as clip_by_norm
 from ._norms import global_norm as global_norm
 from ._norms import leaf_norms as leaf_norms
-from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
 from ._schedules import inverse_sqrt_decay as inverse_sqrt_decay

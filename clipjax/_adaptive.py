@@ -1,4 +1,4 @@
-"""Adaptive clipping: thresholds taken from the parameters or from past gradient norms.
+"""Adaptive clipping: thresholds taken from the history of the gradient norms.
 
 Every clipper here measures the update once (:func:`clipjax._norms.measure`,
 one collective under ``axis_name``), computes its threshold from its state,
@@ -9,12 +9,10 @@ warm-up counters) exactly as it was: one bad step cannot poison the
 threshold of the steps after it.
 """
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from . import _base
@@ -24,185 +22,6 @@ from ._base import ClipStats, Threshold
 _F32 = jnp.float32
 # ZClip's constant in the denominator of the z-score, as in the reference code.
 _ZCLIP_EPS = 1e-6
-
-
-def _f32(value: jax.typing.ArrayLike) -> jax.Array:
-  """A hyperparameter as a float32 array (``inject_hyperparams`` may give bf16)."""
-  return jnp.asarray(value).astype(_F32)
-
-
-def _keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-  """``new`` when the step was finite, else ``old`` unchanged (bit for bit)."""
-  return jnp.where(finite, new, old)
-
-
-# AGC --------------------------------------------------------------------------
-
-
-@_base.stats_state("adaptive_grad_clip")
-class AdaptiveGradClipState(NamedTuple):
-  """State of :func:`adaptive_grad_clip`.
-
-  Its statistics describe the units (rows, filters, ...) of all leaves:
-  ``norm`` is the largest ratio ``‖G‖ / max(‖W‖, eps)``, ``threshold`` the
-  ``clipping`` factor it is compared with, ``scale`` the smallest factor
-  applied to a unit, ``clipped`` whether any unit was rescaled and ``finite``
-  whether every unit's gradient norm was finite.
-  """
-
-  count: jax.Array  # [] int32, steps taken (read by a scheduled ``clipping``)
-  stats: ClipStats
-
-
-def _reduce_units(squares: list[jax.Array], flags: list[bool], axis_name: _norms.AxisName
-                  ) -> list[jax.Array]:
-  """Sums per-unit partials over ``axis_name`` with ONE ``psum`` for all of them.
-
-  ``flags[i]`` marks a replicated array: only the device of index 0 contributes it.
-  """
-  if not squares:
-    return squares
-  flat = jnp.concatenate([q.ravel() for q in squares])
-  shared = np.repeat(np.asarray(flags, bool), [q.size for q in squares])
-  flat = jax.lax.psum(_norms.count_once(flat, shared, axis_name), axis_name)
-  out, start = [], 0
-  for q in squares:
-    out.append(flat[start:start + q.size].reshape(q.shape))
-    start += q.size
-  return out
-
-
-def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3,
-                       axis: int | tuple[int, ...] | None = None, *,
-                       axis_name: _norms.AxisName = None,
-                       replicated: Any = None) -> optax.GradientTransformation:
-  """Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
-
-  For every unit ``i`` (a slice of a leaf, see :func:`clipjax.unitwise_norm`)
-  with gradient ``G_i`` and parameter ``W_i``::
-
-    G_i ← G_i · clipping · max(‖W_i‖, eps) / ‖G_i‖   if ‖G_i‖ / max(‖W_i‖, eps) > clipping
-    G_i ← G_i                                         otherwise
-
-  Norms are Frobenius norms accumulated in float32 (float64 under x64); the
-  result equals ``optax.adaptive_grad_clip``. A unit whose gradient is zero
-  stays zero; a unit whose gradient norm is NaN or inf passes through
-  unscaled (``finite`` False). The statistics in the state report the largest
-  ratio ``‖G_i‖ / max(‖W_i‖, eps)`` as ``norm`` and ``clipping`` as
-  ``threshold``.
-
-  Args:
-    clipping: the largest allowed ratio of a unit's gradient norm to its
-      parameter norm: a number, a scalar array, or an ``optax.Schedule``.
-      Brock et al. use 0.01 for batch size 4096 and larger values for smaller
-      batches.
-    eps: the smallest parameter norm used, so that zero-initialised units
-      (biases) can still move. Default 1e-3.
-    axis: the axis or axes a unit is reduced over, for every leaf; ``None``
-      (default) infers them from the rank as :func:`clipjax.unitwise_norm`.
-      Pass it as a static argument to ``optax.inject_hyperparams``.
-    axis_name: mapped axis name(s) over which leaves are sharded *along their
-      unit axes* (every device holds a slice of every unit, e.g. an
-      ``(in, out)`` kernel sharded along ``in``). The per-unit partial sums of
-      gradients and parameters are then added over the devices with one
-      ``psum`` for the whole tree. With ``axis=None`` the unit axes are
-      inferred from each device's local shard: pass ``axis`` when a shard has
-      a dimension of size 1 that the full leaf does not.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name`` (not sharded); they are counted once.
-
-  Returns:
-    An ``optax.GradientTransformation`` whose state is an
-    :class:`AdaptiveGradClipState`. Its ``update`` needs ``params`` and raises
-    ``ValueError`` without them.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
-    >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 2.0]])}  # unit (column) norms 5 and 2
-    >>> grads = {"w": jnp.array([[0.3, 3.0], [0.4, 4.0]])}  # unit norms 0.5 and 5
-    >>> tx = clipjax.adaptive_grad_clip(0.5)
-    >>> updates, state = tx.update(grads, tx.init(params), params)
-    >>> updates["w"]  # column 0 passes (0.5 / 5 <= 0.5); column 1 is scaled to 0.5 * 2
-    Array([[0.3, 0.6],
-           [0.4, 0.8]], dtype=float32)
-    >>> float(state.stats.norm), bool(state.stats.clipped)  # the largest ratio, 5 / 2
-    (2.5, True)
-
-  References:
-    Brock, De, Smith and Simonyan, `High-Performance Large-Scale Image
-    Recognition Without Normalization <https://arxiv.org/abs/2102.06171>`_,
-    2021.
-  """
-  _base.check_number("clipping", clipping)
-  _base.check_number("eps", eps, allow_schedule=False)
-
-  def init_fn(params):
-    del params
-    return AdaptiveGradClipState(
-        count=jnp.zeros((), jnp.int32),
-        stats=_base.initial_stats(_base.initial_threshold(clipping)))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(_base.NO_PARAMS_MSG.format(name="adaptive_grad_clip"))
-    if state is None:
-      state = init_fn(None)
-    limit_ratio = _base.resolve(clipping, state.count)
-    grads, treedef = jax.tree.flatten(updates)
-    grads = [jnp.asarray(g) for g in grads]
-    weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
-    acc = _norms.accumulation_dtype(grads + weights)
-    axes = [_norms.unit_axes(g, axis) for g in grads]
-    squares = ([_norms.unit_squares(g, a, acc) for g, a in zip(grads, axes)]
-               + [_norms.unit_squares(w, a, acc) for w, a in zip(weights, axes)])
-    if axis_name is not None:
-      flags = _norms.replicated_mask(updates, replicated)
-      squares = _reduce_units(squares, flags + flags, axis_name)
-    n = len(grads)
-    eps_acc = jnp.asarray(eps).astype(acc)
-    ratio_limit = jnp.asarray(limit_ratio).astype(acc)
-
-    def rule(g_sq, w_sq):
-      """``(scale, clipped, finite, ‖G‖, max(‖W‖, eps))`` of every unit."""
-      g_norm = jnp.sqrt(g_sq)
-      w_norm = jnp.maximum(jnp.sqrt(w_sq), eps_acc)
-      return _base.scale_rule(g_norm, ratio_limit * w_norm) + (g_norm, w_norm)
-
-    # Each leaf's scale comes from its own per-unit sums, so the rule fuses into
-    # that leaf's multiply; slicing the factors out of one vector would cost
-    # XLA a kernel per leaf.
-    out = [_base.scale_leaf(g, rule(g_sq, w_sq)[0])
-           for g, g_sq, w_sq in zip(grads, squares[:n], squares[n:])]
-
-    # The statistics: the same rule once over all units of the tree (a leaf
-    # explicitly sharded along its units is summarised on its own: flattening
-    # it would need its shards gathered).
-    def summary(g_sq, w_sq):
-      scale, unit_clipped, unit_finite, g_norm, w_norm = rule(g_sq, w_sq)
-      positive = w_norm > 0
-      ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), acc)),
-                        jnp.where(g_norm > 0, jnp.inf, 0.0).astype(acc))
-      return (jnp.max(ratio, initial=0.0).astype(_F32), jnp.min(scale, initial=1.0).astype(_F32),
-              jnp.any(unit_clipped), jnp.all(unit_finite))
-
-    def joined(sums):
-      return jnp.concatenate([q.ravel() for q in sums] + [jnp.zeros((0,), acc)])
-
-    pairs = list(zip(squares[:n], squares[n:]))
-    alone = [pair for pair in pairs if _norms.is_sharded(pair[0])]
-    together = [pair for pair in pairs if not _norms.is_sharded(pair[0])]
-    parts = ([summary(joined(g for g, _ in together), joined(w for _, w in together))]
-             + [summary(*pair) for pair in alone])
-    largest = functools.reduce(jnp.maximum, [p[0] for p in parts])
-    smallest_scale = functools.reduce(jnp.minimum, [p[1] for p in parts])
-    clipped = functools.reduce(jnp.logical_or, [p[2] for p in parts])
-    finite = functools.reduce(jnp.logical_and, [p[3] for p in parts])
-    stats = _base.make_stats(largest, limit_ratio, smallest_scale, clipped, finite)
-    return (jax.tree.unflatten(treedef, out),
-            AdaptiveGradClipState(count=_base.next_count(state.count), stats=stats))
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # AutoClip ---------------------------------------------------------------------
@@ -301,22 +120,21 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
         filled=jnp.zeros((), jnp.int32),
         stats=_base.initial_stats(jnp.inf))
 
-  def update_fn(updates, state, params=None):
-    del params
-    norm = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated).total
+  def step(norms, state):
+    norm = norms.total
     finite = jnp.isfinite(norm)
     length = state.history.shape[0]
-    recorded = state.history.at[state.position].set(norm.astype(_F32))
-    buffer = _keep(finite, recorded, state.history)
-    filled = _keep(finite, jnp.minimum(_base.next_count(state.filled), length), state.filled)
-    position = _keep(finite, (state.position + 1) % length, state.position)
-    threshold = _percentile(buffer, filled, _f32(percentile))
+    # The threshold reads the history with this step's norm in it (when finite).
+    buffer = _base.keep(finite, state.history.at[state.position].set(norm.astype(_F32)),
+                   state.history)
+    filled = _base.keep(finite, jnp.minimum(_base.next_count(state.filled), length), state.filled)
+    threshold = _percentile(buffer, filled, _base.f32(percentile))
     scale, clipped, finite = _base.scale_rule(norm, threshold)
-    stats = _base.make_stats(norm, threshold, scale, clipped, finite)
-    return _base.apply_scale(updates, scale), AutoclipState(
-        history=buffer, position=position, filled=filled, stats=stats)
+    return scale, AutoclipState(history=buffer, position=(state.position + 1) % length,
+                                filled=filled,
+                                stats=_base.make_stats(norm, threshold, scale, clipped, finite))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _base.norm_transform(init_fn, step, axis_name, replicated)
 
 
 # ZClip ------------------------------------------------------------------------
@@ -401,45 +219,44 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                       count=jnp.zeros((), jnp.int32),
                       stats=_base.initial_stats(_base.initial_threshold(max_norm)))
 
-  def update_fn(updates, state, params=None):
-    del params
-    norm = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated).total
-    finite = jnp.isfinite(norm)
-    x = norm.astype(_F32)
-    a, zt = _f32(alpha), _f32(z_thresh)
-    warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
+  def thresholds(x, state, warm):
+    """(the adaptive clip norm, inf when no spike; the norm reported as ``threshold``)."""
+    zt = _base.f32(z_thresh)
     std = jnp.sqrt(state.var)
     z = (x - state.mean) / (std + _ZCLIP_EPS)
     spike = ~warm & (z > zt)
     target = state.mean + zt * zt / jnp.where(spike, z, 1.0) * std
-    adaptive = jnp.where(spike, target, jnp.inf)
     boundary = jnp.where(warm, jnp.inf, jnp.where(spike, target,
                                                   state.mean + zt * (std + _ZCLIP_EPS)))
-    cap = _base.resolve(max_norm, state.count)
-    if cap is None:
-      high = adaptive
-    else:
-      high = jnp.minimum(adaptive, cap.astype(_F32))
-      boundary = jnp.minimum(boundary, cap.astype(_F32))
-    scale, clipped, finite = _base.scale_rule(norm, high.astype(norm.dtype))
+    return jnp.where(spike, target, jnp.inf), boundary
 
-    # Warm-up: running mean and population variance (Welford).
+  def moments(x, g_hat, state, warm):
+    """The next ``(μ, σ²)``: Welford's running values in warm-up, then EMAs of ``ĝ``."""
+    a = _base.f32(alpha)
     k = (state.count + 1).astype(_F32)
     delta = x - state.mean
     warm_mean = state.mean + delta / k
     warm_var = state.var + (delta * (x - warm_mean) - state.var) / k
-    # After warm-up: moving averages of the adaptively clipped norm.
-    g_hat = jnp.minimum(x, adaptive)
     ema_mean = a * state.mean + (1.0 - a) * g_hat
     ema_var = a * state.var + (1.0 - a) * jnp.square(g_hat - ema_mean)
-    new = ZclipState(
-        mean=_keep(finite, jnp.where(warm, warm_mean, ema_mean), state.mean),
-        var=_keep(finite, jnp.where(warm, warm_var, ema_var), state.var),
-        count=_keep(finite, _base.next_count(state.count), state.count),
-        stats=_base.make_stats(norm, boundary, scale, clipped, finite))
-    return _base.apply_scale(updates, scale), new
+    return jnp.where(warm, warm_mean, ema_mean), jnp.where(warm, warm_var, ema_var)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  def step(norms, state):
+    norm = norms.total
+    x = norm.astype(_F32)
+    warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
+    adaptive, boundary = thresholds(x, state, warm)
+    high = adaptive
+    cap = _base.resolve(max_norm, state.count)
+    if cap is not None:
+      high = jnp.minimum(adaptive, cap.astype(_F32))
+      boundary = jnp.minimum(boundary, cap.astype(_F32))
+    scale, clipped, finite = _base.scale_rule(norm, high.astype(norm.dtype))
+    mean, var = moments(x, jnp.minimum(x, adaptive), state, warm)
+    return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
+                             stats=_base.make_stats(norm, boundary, scale, clipped, finite))
+
+  return _base.norm_transform(init_fn, step, axis_name, replicated)
 
 
 # AdaGC ------------------------------------------------------------------------
@@ -527,44 +344,37 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   def init_fn(params):
     n = len(jax.tree.leaves(params))
     return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32), count=jnp.zeros((), jnp.int32),
-                      stats=_base.initial_stats(_f32(lambda_abs)))
+                      stats=_base.initial_stats(_base.f32(lambda_abs)))
 
-  def update_fn(updates, state, params=None):
-    del params
-    n = len(jax.tree.leaves(updates))
-    if state.gamma.shape != (n,):
+  def tracked(gamma, leaf_norms, clipped_norms, warm):
+    """The next γ: the smallest clipped norm in warm-up, then its EMA; zero norms skip."""
+    b = _base.f32(beta)
+    moving = jnp.where(jnp.isfinite(gamma), b * gamma + (1.0 - b) * clipped_norms,
+                       clipped_norms)
+    new = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
+    return jnp.where(leaf_norms > 0, new, gamma)
+
+  def step(norms, state):
+    if state.gamma.shape != norms.leaves.shape:
       raise ValueError(
           f"adagc: the state tracks {state.gamma.shape[0]} tensors but the updates have"
-          f" {n} leaves; call init with the parameters (a tree of the updates' structure).")
-    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
+          f" {norms.leaves.shape[0]} leaves; call init with the parameters (a tree of the"
+          " updates' structure).")
     leaf_norms = norms.leaves.astype(_F32)
-    gamma = state.gamma
     warm = state.count < jnp.asarray(warmup_steps).astype(jnp.int32)
-    lam_abs, lam_rel, b = _f32(lambda_abs), _f32(lambda_rel), _f32(beta)
-
+    lam_abs = _base.f32(lambda_abs)
     global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(norms.total.dtype))
-    relative = lam_rel * gamma  # inf for a tensor without history: not clipped
+    relative = _base.f32(lambda_rel) * state.gamma  # inf for a tensor without history: not clipped
     leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative)
     scales = jnp.where(warm, global_scale.astype(_F32), leaf_scales)
     scales = jnp.where(finite, scales, jnp.ones((), _F32))
+    threshold = jnp.where(warm, lam_abs, jnp.sqrt(jnp.sum(jnp.square(relative))))
+    stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
+                             finite & jnp.any(scales != 1.0), finite)
+    return scales, AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
+                              count=_base.next_count(state.count), stats=stats)
 
-    clipped_norms = scales * leaf_norms
-    seen = jnp.isfinite(gamma)
-    moving = jnp.where(seen, b * gamma + (1.0 - b) * clipped_norms, clipped_norms)
-    tracked = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
-    tracked = jnp.where(leaf_norms > 0, tracked, gamma)
-
-    bound = jnp.sqrt(jnp.sum(jnp.square(relative)))
-    threshold = jnp.where(warm, lam_abs, bound)
-    clipped = finite & jnp.any(scales != 1.0)
-    smallest = jnp.min(scales, initial=1.0)
-    stats = _base.make_stats(norms.total, threshold, smallest, clipped, finite)
-    new = AdagcState(gamma=_keep(finite, tracked, gamma),
-                     count=_keep(finite, _base.next_count(state.count), state.count),
-                     stats=stats)
-    return _base.apply_scale(updates, scales), new
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _base.norm_transform(init_fn, step, axis_name, replicated)
 
 
 # Quantile tracking ------------------------------------------------------------
@@ -631,18 +441,15 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
 
   def init_fn(params):
     del params
-    return QuantileClipState(clip_norm=_f32(initial_norm),
-                             stats=_base.initial_stats(_f32(initial_norm)))
+    return QuantileClipState(clip_norm=_base.f32(initial_norm),
+                             stats=_base.initial_stats(_base.f32(initial_norm)))
 
-  def update_fn(updates, state, params=None):
-    del params
-    norm = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated).total
-    c = state.clip_norm
+  def step(norms, state):
+    norm, c = norms.total, state.clip_norm
     scale, clipped, finite = _base.scale_rule(norm, c.astype(norm.dtype))
     below = (norm.astype(_F32) <= c).astype(_F32)
-    moved = c * jnp.exp(-_f32(learning_rate) * (below - _f32(target_quantile)))
-    stats = _base.make_stats(norm, c, scale, clipped, finite)
-    return _base.apply_scale(updates, scale), QuantileClipState(
-        clip_norm=_keep(finite, moved, c), stats=stats)
+    moved = c * jnp.exp(-_base.f32(learning_rate) * (below - _base.f32(target_quantile)))
+    return scale, QuantileClipState(clip_norm=moved,
+                                    stats=_base.make_stats(norm, c, scale, clipped, finite))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _base.norm_transform(init_fn, step, axis_name, replicated)

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from . import _norms
+from . import _xla
 
 Threshold = float | int | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 
@@ -243,7 +244,7 @@ def apply_scale(updates: Any, scales: jax.Array) -> Any:
   per_leaf = jnp.ndim(scales) == 1
   if per_leaf:
     # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
-    scales = _norms.materialized(jnp.asarray(scales))
+    scales = _xla.materialized(jnp.asarray(scales))
   out = []
   for i, leaf in enumerate(leaves):
     leaf = jnp.asarray(leaf)
@@ -265,6 +266,70 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
   if compute == leaf.dtype:
     return leaf * jnp.asarray(scale).astype(leaf.dtype)
   return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)
+
+
+# The transform shell ------------------------------------------------------------
+
+# (updates, max threshold, min threshold or None, params) -> (updates, stats)
+Rule = Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, ClipStats]]
+
+
+def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
+                        low: Threshold | None = None) -> optax.GradientTransformation:
+  """A clipper whose state is a step count and its last statistics.
+
+  Each ``update`` resolves the thresholds at the step count (evaluating a
+  schedule), applies ``rule`` and advances the count. ``state_cls`` is a
+  NamedTuple with the fields ``count`` and ``stats``.
+  """
+
+  def init_fn(params):
+    del params
+    return state_cls(count=jnp.zeros((), jnp.int32),
+                     stats=initial_stats(initial_threshold(high)))
+
+  def update_fn(updates, state, params=None):
+    if state is None:
+      state = init_fn(None)
+    updates, stats = rule(updates, resolve(high, state.count), resolve(low, state.count),
+                          params)
+    return updates, state_cls(count=next_count(state.count), stats=stats)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def f32(value: jax.typing.ArrayLike) -> jax.Array:
+  """A hyperparameter as a float32 array (``inject_hyperparams`` may give bf16)."""
+  return jnp.asarray(value).astype(jnp.float32)
+
+
+def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """``new`` when the step was finite, else ``old`` unchanged (bit for bit)."""
+  return jnp.where(finite, new, old)
+
+
+# (norms of the update, state) -> (scale: scalar or one per leaf, next state)
+_Step = Callable[[_norms.Norms, Any], tuple[jax.Array, Any]]
+
+
+def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms.AxisName,
+                   replicated: Any) -> optax.GradientTransformation:
+  """A clipper whose threshold comes from its state and the L2 norms of the update.
+
+  ``step`` decides the scale and the next state. When the global norm is NaN
+  or inf, every field of the state but ``stats`` is kept as it was.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
+    scale, new = step(norms, state)
+    finite = jnp.isfinite(norms.total)
+    kept = {field: keep(finite, getattr(new, field), getattr(state, field))
+            for field in new._fields if field != "stats"}
+    return apply_scale(updates, scale), new._replace(**kept)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 NO_PARAMS_MSG = (

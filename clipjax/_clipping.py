@@ -1,10 +1,10 @@
 """Clipping with fixed or scheduled thresholds: by value, per leaf, global, block RMS."""
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import _base
@@ -45,30 +45,6 @@ class ClipByBlockRmsState(NamedTuple):
 
   count: jax.Array  # [] int32, steps taken
   stats: ClipStats
-
-
-# (updates, max threshold, min threshold or None) -> (updates, stats)
-_Rule = Callable[[Any, jax.Array, jax.Array | None], tuple[Any, ClipStats]]
-
-
-def _threshold_transform(state_cls: type, rule: _Rule, high: Threshold,
-                         low: Threshold | None) -> optax.GradientTransformation:
-  """A transform that resolves its thresholds at the step count, then applies ``rule``."""
-
-  def init_fn(params):
-    del params
-    return state_cls(count=jnp.zeros((), jnp.int32),
-                     stats=_base.initial_stats(_base.initial_threshold(high)))
-
-  def update_fn(updates, state, params=None):
-    del params
-    if state is None:
-      state = init_fn(None)
-    updates, stats = rule(updates, _base.resolve(high, state.count),
-                          _base.resolve(low, state.count))
-    return updates, state_cls(count=_base.next_count(state.count), stats=stats)
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
@@ -124,7 +100,8 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
   """
   _check_thresholds("max_delta", max_delta, "min_delta", min_delta)
 
-  def rule(updates, high, low):
+  def rule(updates, high, low, params):
+    del params
     if low is None:
       largest = _norms.measure(updates, float("inf"), axis_name=axis_name).total
     else:
@@ -132,7 +109,7 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
       smallest = _smallest_nonzero(updates, largest.dtype)
       if axis_name is not None:
         # One collective for both: the max of -smallest is -(the min).
-        both = jax.lax.pmax(jnp.stack([largest, -smallest]), axis_name)
+        both = _norms.all_reduce(jnp.stack([largest, -smallest]), axis_name, maximum=True)
         largest, smallest = both[0], -both[1]
     finite = jnp.isfinite(largest)
     scale, clipped, _ = _base.scale_rule(largest, high)
@@ -152,7 +129,7 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
     stats = _base.make_stats(largest, high, scale, clipped, finite)
     return jax.tree.map(clamp, updates), stats
 
-  return _threshold_transform(ClipState, rule, max_delta, min_delta)
+  return _base.threshold_transform(ClipState, rule, max_delta, min_delta)
 
 
 def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
@@ -202,14 +179,15 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
   _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
   ord = _norms.check_ord(ord)
 
-  def rule(updates, high, low):
+  def rule(updates, high, low, params):
+    del params
     norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
                            small=low is not None).leaves
     scales, clipped, finite = _base.scale_rule(norms, high, low)
     return _base.apply_scale(updates, scales), _per_leaf_stats(
         norms, high, scales, clipped, finite)
 
-  return _threshold_transform(ClipByNormState, rule, max_norm, min_norm)
+  return _base.threshold_transform(ClipByNormState, rule, max_norm, min_norm)
 
 
 def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
@@ -258,14 +236,15 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
   ord = _norms.check_ord(ord)
 
-  def rule(updates, high, low):
+  def rule(updates, high, low, params):
+    del params
     norm = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
                           small=low is not None).total
     scale, clipped, finite = _base.scale_rule(norm, high, low)
     return _base.apply_scale(updates, scale), _base.make_stats(
         norm, high, scale, clipped, finite)
 
-  return _threshold_transform(ClipByGlobalNormState, rule, max_norm, min_norm)
+  return _base.threshold_transform(ClipByGlobalNormState, rule, max_norm, min_norm)
 
 
 def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None,
@@ -302,18 +281,13 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
   """
   _base.check_number("threshold", threshold)
 
-  def rule(updates, high, low):
-    del low
-    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated).leaves
-    sizes = [jnp.size(g) for g in jax.tree.leaves(updates)]
-    if axis_name is not None:
-      devices = jax.lax.axis_size(axis_name)
-      mask = _norms.replicated_mask(updates, replicated)
-      sizes = [size if shared else size * devices for size, shared in zip(sizes, mask)]
-    sizes = [max(size, 1) for size in sizes]
-    rms = norms / jnp.sqrt(jnp.asarray(sizes, norms.dtype))
+  def rule(updates, high, low, params):
+    del low, params
+    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
+    sizes = np.maximum(norms.sizes, 1)
+    rms = norms.leaves / jnp.sqrt(jnp.asarray(sizes, norms.leaves.dtype))
     scales, clipped, finite = _base.scale_rule(rms, high)
     return _base.apply_scale(updates, scales), _per_leaf_stats(
         rms, high, scales, clipped, finite)
 
-  return _threshold_transform(ClipByBlockRmsState, rule, threshold, None)
+  return _base.threshold_transform(ClipByBlockRmsState, rule, threshold, None)

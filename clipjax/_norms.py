@@ -1,9 +1,12 @@
 """Norms of gradient trees: float32 accumulation, one cross-device reduction.
 
 This module is the only place that knows about ``ord``, the accumulation
-dtype, ``axis_name`` and ``replicated``. Every clipper measures through
-:func:`tree_norms`, which reduces the per-leaf partial norms of one update
-with a single collective.
+dtype, ``axis_name`` and ``replicated``. Clippers measure through
+:func:`measure`, which reduces the per-leaf partial norms of one update with a
+single collective; a clipper with other cross-device sums (AGC's per-unit
+sums, ``clip``'s smallest magnitude) reduces them through :func:`all_reduce`,
+the one owner of the collective and of the count-once rule for replicated
+leaves.
 """
 
 from collections.abc import Hashable, Sequence
@@ -13,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from . import _xla
 
 AxisName = Hashable | tuple[Hashable, ...] | None
 Ord = int | float
@@ -69,19 +74,11 @@ def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
   return jnp.abs(leaf).astype(acc)
 
 
-def _to_square(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
-  """``leaf`` in ``acc``, ready to be squared: real leaves need no abs (a shared
-  ``abs(x)`` is materialised per leaf on XLA CPU), complex ones their modulus."""
-  if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
-    return _magnitude(leaf, acc)
-  return leaf.astype(acc)
-
-
 def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> jax.Array:
   """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|."""
-  x = _to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
+  x = _xla.to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
   if factor != 1.0:
-    x = x * _opaque(factor, acc)
+    x = x * _xla.opaque(factor, acc)
   if x.size == 0:
     return jnp.zeros((), acc)
   if ord == 2:
@@ -89,29 +86,6 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> 
   if ord == 1:
     return jnp.sum(x)
   return jnp.max(x)
-
-
-def _opaque(factor: float, acc: jnp.dtype) -> jax.Array:
-  """A rescaling constant XLA cannot fold: ``(x·c)·(x·c)`` must not become ``x²·c²``.
-
-  ``c²`` is outside the accumulation range for the rescue factors, so a folded
-  product would be ``0·inf``.
-  """
-  return lax.optimization_barrier(jnp.asarray(factor, acc))
-
-
-def materialized(values: jax.Array) -> jax.Array:
-  """``values`` unchanged, computed once: consumers cannot fuse its producers.
-
-  XLA otherwise fuses the reduction over the stacked per-leaf partials into
-  each of the n leaf-sized consumer kernels (n reductions copied n times), so
-  compile time grew with n². An identity sort (keyed by an iota) is exact, costs
-  microseconds for a vector of n scalars, and is never fused.
-  """
-  if values.shape[-1] < 2:
-    return values
-  iota = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
-  return lax.sort((iota, values), dimension=values.ndim - 1, num_keys=1)[1]
 
 
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
@@ -132,14 +106,14 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
   is a rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
   common case reads each leaf once.
   """
-  plain = materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
+  plain = _xla.materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
   if ord == float("inf"):
     return jnp.stack([plain, plain, plain])
   k = _rescale_exponent(acc)
   power = 2 if ord == 2 else 1
   # 2**(±k * power) is outside the accumulation range for power 2: apply 2**±k
   # `power` times (each step exact, as long as the result is representable).
-  shrink, grow = _opaque(2.0**-k, acc), _opaque(2.0**k, acc)
+  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
 
   def times(x, factor):
     for _ in range(power):
@@ -185,8 +159,30 @@ def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
   return flags
 
 
-class Partials(NamedTuple):
-  """Partial norms of every leaf, reduced over devices; unrooted.
+def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Array = False,
+               shared: np.ndarray | None = None) -> jax.Array:
+  """Sums (or, with ``maximum``, maxes) ``values`` over ``axis_name`` with ONE collective.
+
+  The only cross-device reduction of the package. ``shared`` (NumPy bools
+  broadcastable to ``values``) marks entries that hold the same value on every
+  device of the axis (replicated leaves): a sum counts them once, from the
+  device of index 0. A traced ``maximum`` (a traced ``ord``) picks the
+  collective at run time, so one is still executed.
+  """
+  if maximum is not True and shared is not None and shared.any():
+    first = lax.axis_index(axis_name) == 0
+    keep = jnp.logical_or(jnp.asarray(~shared), first)
+    values = jnp.where(keep, values, jnp.zeros((), values.dtype))
+  if maximum is True:
+    return lax.pmax(values, axis_name)
+  if maximum is False:
+    return lax.psum(values, axis_name)
+  return lax.cond(maximum, lambda v: lax.pmax(v, axis_name), lambda v: lax.psum(v, axis_name),
+                  values)
+
+
+class _Partials(NamedTuple):
+  """Per-leaf partial norms, reduced over devices; unrooted.
 
   ``plain[i]`` is ``sum|x_i|^ord`` (or ``max|x_i|``) in the accumulation dtype;
   ``shrunk[i]`` and ``grown[i]`` are the same over ``x_i * 2**∓exponent``, used
@@ -200,65 +196,12 @@ class Partials(NamedTuple):
   exponent: int
   tiny: float
 
-
-def reduced_partials(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
-                     replicated: Any = None, small: bool = False) -> Partials:
-  """Per-leaf partial norms of ``tree``, reduced with ONE collective.
-
-  Under ``axis_name`` the stacked partials of all leaves are summed (``psum``,
-  ord 1 and 2) or maxed (``pmax``, ord inf) once. A leaf marked in
-  ``replicated`` holds the same values on every device, so only the device of
-  index 0 contributes it to a sum. ``small`` asks for exact norms below the
-  float32 range of squares (it may cost a second pass when some leaf is zero
-  or tiny); clippers with a lower bound use it.
-  """
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
-  acc = accumulation_dtype(leaves)
-  exponent = _rescale_exponent(acc)
-  tiny = _tiny_partial(acc, ord)
-  if not leaves:
-    empty = jnp.zeros((0,), acc)
-    return Partials(empty, empty, empty, ord, exponent, tiny)
-  partials = _local_partials(leaves, ord, acc, small)
-  if axis_name is not None:
-    partials = _all_reduce(partials, tree, axis_name, replicated, ord == float("inf"))
-  return Partials(partials[0], partials[1], partials[2], ord, exponent, tiny)
+  @classmethod
+  def of_rows(cls, rows: jax.Array, ord: Ord, acc: jnp.dtype) -> "_Partials":
+    return cls(rows[0], rows[1], rows[2], ord, _rescale_exponent(acc), _tiny_partial(acc, ord))
 
 
-def _all_reduce(partials: jax.Array, tree: Any, axis_name: AxisName, replicated: Any,
-                maximum: bool | jax.Array) -> jax.Array:
-  """Reduces stacked ``[3, n_leaves]`` partials over ``axis_name`` with ONE collective.
-
-  ``pmax`` when ``maximum`` (ord inf), else ``psum`` with replicated leaves
-  contributed by index 0 only. A traced ``maximum`` (a traced ``ord``) picks
-  the collective at run time, so one is still executed per update.
-  """
-  if maximum is True:
-    return lax.pmax(partials, axis_name)
-  # (Masking is harmless for a traced max: the partials are >= 0 and index 0 keeps them.)
-  partials = count_once(partials, np.asarray(replicated_mask(tree, replicated), bool)[None, :],
-                        axis_name)
-  if maximum is False:
-    return lax.psum(partials, axis_name)
-  return lax.cond(maximum, lambda p: lax.pmax(p, axis_name), lambda p: lax.psum(p, axis_name),
-                  partials)
-
-
-def count_once(values: jax.Array, shared: np.ndarray, axis_name: AxisName) -> jax.Array:
-  """Zeroes the ``shared`` entries of ``values`` on every device but index 0.
-
-  A sharded value counts on every device, a replicated one (the same on every
-  device of ``axis_name``) only once, when ``values`` is then summed over the
-  axis. ``shared`` is a NumPy bool array broadcastable to ``values``.
-  """
-  if not shared.any():
-    return values
-  first = lax.axis_index(axis_name) == 0
-  keep = jnp.logical_or(jnp.asarray(~shared), first)
-  return jnp.where(keep, values, jnp.zeros((), values.dtype))
-
-
-def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: Partials
+def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: _Partials
           ) -> jax.Array:
   """Turns unrooted partials into a norm, rescued where ``plain`` left the range."""
   if partials.ord == float("inf"):
@@ -275,24 +218,30 @@ def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: Parti
                    jnp.where(underflowed, grown * small, plain))
 
 
-def leaf_norms_from(partials: Partials) -> jax.Array:
-  """One norm per leaf, ``[n_leaves]``."""
-  return _root(partials.plain, partials.shrunk, partials.grown, partials)
-
-
-def global_norm_from(partials: Partials) -> jax.Array:
-  """The norm of the whole tree, a scalar."""
-  if partials.ord == float("inf"):
-    return jnp.max(partials.plain, initial=0.0)
-  return _root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
-               partials)
-
-
 class Norms(NamedTuple):
   """The norms of one update, from one cross-device reduction."""
 
   leaves: jax.Array  # [n_leaves] float32 (float64 under x64), one norm per leaf
   total: jax.Array  # [] same dtype, the norm of the whole tree
+  sizes: np.ndarray  # [n_leaves] int, elements per leaf over all devices (replicated: once)
+
+
+def _norms_of(partials: _Partials, sizes: np.ndarray) -> Norms:
+  leaves = _root(partials.plain, partials.shrunk, partials.grown, partials)
+  if partials.ord == float("inf"):
+    total = jnp.max(partials.plain, initial=0.0)
+  else:
+    total = _root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
+                  partials)
+  return Norms(leaves, total, sizes)
+
+
+def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool],
+                  axis_name: AxisName) -> np.ndarray:
+  """Elements of each leaf over all devices: a sharded leaf counts on each, a replicated one once."""
+  devices = 1 if axis_name is None else lax.axis_size(axis_name)
+  return np.asarray([leaf.size if flag else leaf.size * devices
+                     for leaf, flag in zip(leaves, shared)], np.int64)
 
 
 def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
@@ -300,33 +249,35 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   """Per-leaf and global norms of ``tree`` with one collective.
 
   ``ord`` is normally a Python ``1``, ``2`` or ``inf``; a traced ``ord`` (from
-  ``optax.inject_hyperparams``) computes all three and selects at run time.
-  ``small`` makes norms whose squares underflow float32 exact (see
-  :func:`reduced_partials`).
+  ``optax.inject_hyperparams``) computes all three locally, reduces the
+  partials of the one in force, and selects at run time. ``small`` asks for
+  exact norms below the float32 range of squares (it may cost a second pass
+  when some leaf is zero or tiny); clippers with a lower bound use it.
   """
   ord = check_ord(ord)
-  if isinstance(ord, jax.core.Tracer):
-    pick = jnp.asarray(ord).astype(jnp.float32)
-    local = [reduced_partials(tree, o, small=small) for o in VALID_ORDS]
-    if axis_name is not None and local[0].plain.shape[0]:
-      # Reduce only the partials of the ord in force: one collective per update.
-      def rows(p):
-        return jnp.stack([p.plain, p.shrunk, p.grown])
-
-      chosen = rows(local[0])
-      for value, option in zip(VALID_ORDS[1:], local[1:]):
-        chosen = jnp.where(pick == value, rows(option), chosen)
-      chosen = _all_reduce(chosen, tree, axis_name, replicated, pick == float("inf"))
-      local = [p._replace(plain=chosen[0], shrunk=chosen[1], grown=chosen[2]) for p in local]
-    options = [Norms(leaf_norms_from(p), global_norm_from(p)) for p in local]
-    leaves, total = options[0].leaves, options[0].total
-    for value, norms in zip(VALID_ORDS[1:], options[1:]):
-      leaves = jnp.where(pick == value, norms.leaves, leaves)
-      total = jnp.where(pick == value, norms.total, total)
-    return Norms(leaves, total)
-  partials = reduced_partials(tree, ord, axis_name=axis_name, replicated=replicated,
-                              small=small)
-  return Norms(leaf_norms_from(partials), global_norm_from(partials))
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  acc = accumulation_dtype(leaves)
+  shared = replicated_mask(tree, replicated)
+  sizes = _global_sizes(leaves, shared, axis_name)
+  if not leaves:
+    empty = jnp.zeros((0,), acc)
+    return Norms(empty, jnp.zeros((), acc), sizes)
+  ords = VALID_ORDS if isinstance(ord, jax.core.Tracer) else (ord,)
+  rows = [_local_partials(leaves, o, acc, small) for o in ords]
+  pick = jnp.asarray(ord).astype(jnp.float32)
+  chosen = rows[0]
+  for value, option in zip(ords[1:], rows[1:]):
+    chosen = jnp.where(pick == value, option, chosen)
+  if axis_name is not None:
+    maximum = ord == float("inf") if len(ords) == 1 else pick == float("inf")
+    chosen = all_reduce(chosen, axis_name, maximum=maximum,
+                        shared=np.asarray(shared, bool)[None, :])
+  options = [_norms_of(_Partials.of_rows(chosen, o, acc), sizes) for o in ords]
+  norms = options[0]
+  for value, option in zip(ords[1:], options[1:]):
+    norms = Norms(jnp.where(pick == value, option.leaves, norms.leaves),
+                  jnp.where(pick == value, option.total, norms.total), sizes)
+  return norms
 
 
 def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
@@ -380,84 +331,3 @@ def leaf_norms(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
     Array([5., 2.], dtype=float32)
   """
   return measure(tree, ord, axis_name=axis_name, replicated=replicated).leaves
-
-
-def unitwise_norm(x: jax.typing.ArrayLike,
-                  axis: int | tuple[int, ...] | None = None) -> jax.Array:
-  """The L2 norm of each unit of ``x``, broadcast back to ``x``'s shape.
-
-  A unit is a slice of ``x`` along ``axis``. With ``axis=None`` the reduction
-  axes follow optax's layer conventions: scalars and vectors are one unit,
-  rank 2 and 3 reduce axis 0 (``(in, out)`` kernels), rank 4 reduces
-  ``(0, 1, 2)`` (HWIO convolutions), rank 5 ``(0, 1, 2, 3)``. The sum of
-  squares accumulates in float32 (float64 under x64); the result has the
-  accumulation dtype.
-
-  Args:
-    x: an array.
-    axis: the axis or axes to reduce; ``None`` infers them from the rank.
-
-  Returns:
-    An array of ``x``'s shape holding each element's unit norm.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
-    >>> clipjax.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
-    Array([[5., 1.],
-           [5., 1.]], dtype=float32)
-  """
-  x = jnp.asarray(x)
-  squared = unit_squares(x, unit_axes(x, axis), accumulation_dtype([x]))
-  return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
-
-
-# Up to this many rows per unit, unit sums of squares add the rows elementwise.
-_UNROLLED_ROWS = 64
-
-
-def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
-  """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
-  x = _to_square(x, acc)
-  lead = len(axes)
-  rows = int(np.prod(x.shape[:lead]))
-  kept = (1,) * lead + x.shape[lead:]
-  if (axes == tuple(range(lead)) and lead < x.ndim and 1 < rows <= _UNROLLED_ROWS
-      and jax.default_backend() == "cpu" and not is_sharded(x, axes)):
-    # A reduction over a short leading axis runs up to 30x below memory speed
-    # on XLA CPU; a sum of the rows' squares is one elementwise pass.
-    flat = x.reshape((rows,) + x.shape[lead:])
-    squares = [flat[i] * flat[i] for i in range(rows)]
-    while len(squares) > 1:
-      squares = ([a + b for a, b in zip(squares[::2], squares[1::2])]
-                 + squares[len(squares) - len(squares) % 2:])
-    return squares[0].reshape(kept)
-  return jnp.sum(x * x, axis=axes, keepdims=True)
-
-
-def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
-  """Whether ``x``'s type shards any of ``axes`` (default all) over a mesh axis.
-
-  Only explicit sharding shows in the type; an unknown sharding counts as none.
-  """
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  if spec is None:
-    return False
-  axes = range(len(spec)) if axes is None else axes
-  return any(i < len(spec) and spec[i] is not None for i in axes)
-
-
-def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
-  """The axes :func:`unitwise_norm` reduces for an array of ``x``'s shape."""
-  if axis is not None:
-    return (axis,) if isinstance(axis, int) else tuple(axis)
-  if sum(d != 1 for d in x.shape) <= 1:
-    return tuple(range(x.ndim))
-  if x.ndim in (2, 3):
-    return (0,)
-  if x.ndim == 4:
-    return (0, 1, 2)
-  if x.ndim == 5:
-    return (0, 1, 2, 3)
-  raise ValueError(
-      f"unitwise_norm: x.shape={x.shape} has no default unit axes; pass axis=")

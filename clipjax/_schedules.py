@@ -13,25 +13,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from . import _base
+from . import _xla
 
 
 def _check(name: str, value: Any, *, positive: bool = False) -> None:
   """A concrete argument must be a finite number, ``>= 0`` (``> 0`` if ``positive``)."""
   _base.check_number(name, value, strict_min=positive, allow_schedule=False, finite=True)
-
-
-def _constants(*values: jax.typing.ArrayLike) -> tuple[jax.Array, ...]:
-  """The schedule's arguments as float32 values that XLA may not fold into constants.
-
-  Under ``jit``, XLA rewrites arithmetic on constants (``(x / c)**2`` becomes
-  ``x * x * (1 / c**2)``), which moves results off the exact value by an ulp or
-  more: step 0 would no longer give ``init_value``. The barrier keeps the
-  formula evaluated as written, so jitted and eager values agree exactly.
-  """
-  return lax.optimization_barrier(tuple(_f32(v) for v in values))
 
 
 def _f32(value: jax.typing.ArrayLike) -> jax.Array:
@@ -95,7 +84,7 @@ def polynomial_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing.A
   exponent = _exponent(power)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    init, end, steps = _constants(init_value, end_value, decay_steps)
+    init, end, steps = _xla.unfolded(init_value, end_value, decay_steps)
     remaining = (steps - jnp.minimum(_step(count), steps)) / steps
     return (init - end) * remaining**exponent + end
 
@@ -141,7 +130,7 @@ def inverse_sqrt_decay(init_value: jax.typing.ArrayLike,
   _check("timescale", timescale, positive=True)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    init, tau = _constants(init_value, timescale)
+    init, tau = _xla.unfolded(init_value, timescale)
     return init / jnp.sqrt((tau + _step(count)) / tau)
 
   return schedule
@@ -198,7 +187,7 @@ def inverse_time_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing
   exponent = _exponent(power)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    init, steps = _constants(init_value, decay_steps)
+    init, steps = _xla.unfolded(init_value, decay_steps)
     t = _step(count)
     if staircase:
       growth = jnp.floor(t / steps) + jnp.ones((), jnp.float32)

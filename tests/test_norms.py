@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import clipjax
-from clipjax import _norms
+from clipjax import _agc, _norms
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 ORDS = [1, 2, np.inf]
@@ -142,7 +142,7 @@ def test_unitwise_norm_matches_optax_and_numpy(shape, axis):
   got = clipjax.unitwise_norm(x, axis=axis)
   np.testing.assert_allclose(np.asarray(got), np.asarray(optax.transforms.unitwise_norm(x, axis=axis)),
                              rtol=1e-6)
-  axes = _norms.unit_axes(x, axis)
+  axes = _agc.unit_axes(x, axis)
   x64 = np.asarray(x, np.float64)
   expected = np.broadcast_to(np.sqrt(np.sum(x64**2, axis=axes, keepdims=True)), shape)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6)

@@ -1,0 +1,232 @@
+"""Adaptive gradient clipping (AGC) and the per-unit norms it is built on."""
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _base
+from . import _norms
+from . import _xla
+from ._base import ClipStats, Threshold
+
+Axes = int | tuple[int, ...] | None
+
+
+@_base.stats_state("adaptive_grad_clip")
+class AdaptiveGradClipState(NamedTuple):
+  """State of :func:`adaptive_grad_clip`.
+
+  Its statistics describe the units (rows, filters, ...) of all leaves:
+  ``norm`` is the largest ratio ``‖G‖ / max(‖W‖, eps)``, ``threshold`` the
+  ``clipping`` factor it is compared with, ``scale`` the smallest factor
+  applied to a unit, ``clipped`` whether any unit was rescaled and ``finite``
+  whether every unit's gradient norm was finite.
+  """
+
+  count: jax.Array  # [] int32, steps taken (read by a scheduled ``clipping``)
+  stats: ClipStats
+
+
+# Per-unit norms -------------------------------------------------------------------
+
+
+def unit_axes(x: jax.Array, axis: Axes) -> tuple[int, ...]:
+  """The axes :func:`unitwise_norm` reduces for an array of ``x``'s shape."""
+  if axis is not None:
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+  if sum(d != 1 for d in x.shape) <= 1:
+    return tuple(range(x.ndim))
+  if x.ndim in (2, 3):
+    return (0,)
+  if x.ndim == 4:
+    return (0, 1, 2)
+  if x.ndim == 5:
+    return (0, 1, 2, 3)
+  raise ValueError(
+      f"unitwise_norm: x.shape={x.shape} has no default unit axes; pass axis=")
+
+
+def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
+  """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
+  x = _xla.to_square(x, acc)
+  return jnp.sum(x * x, axis=axes, keepdims=True)
+
+
+def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
+  """Whether ``x``'s type shards any of ``axes`` (default all) over a mesh axis.
+
+  Only explicit sharding shows in the type; an unknown sharding counts as none.
+  """
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None:
+    return False
+  axes = range(len(spec)) if axes is None else axes
+  return any(i < len(spec) and spec[i] is not None for i in axes)
+
+
+def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
+  """The L2 norm of each unit of ``x``, broadcast back to ``x``'s shape.
+
+  A unit is a slice of ``x`` along ``axis``. With ``axis=None`` the reduction
+  axes follow optax's layer conventions: scalars and vectors are one unit,
+  rank 2 and 3 reduce axis 0 (``(in, out)`` kernels), rank 4 reduces
+  ``(0, 1, 2)`` (HWIO convolutions), rank 5 ``(0, 1, 2, 3)``. The sum of
+  squares accumulates in float32 (float64 under x64); the result has the
+  accumulation dtype.
+
+  Args:
+    x: an array.
+    axis: the axis or axes to reduce; ``None`` infers them from the rank.
+
+  Returns:
+    An array of ``x``'s shape holding each element's unit norm.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> clipjax.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
+    Array([[5., 1.],
+           [5., 1.]], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  squared = unit_squares(x, unit_axes(x, axis), _norms.accumulation_dtype([x]))
+  return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
+
+
+# AGC ------------------------------------------------------------------------------
+
+
+class _Units(NamedTuple):
+  """AGC's decision for every unit of one leaf (arrays of the unit sums' shape)."""
+
+  scale: jax.Array  # factor applied to the unit's gradient
+  clipped: jax.Array  # bool
+  finite: jax.Array  # bool, the unit's gradient norm is finite
+  ratio: jax.Array  # ‖G‖ / max(‖W‖, eps)
+
+
+def _unit_sums(grads: list[jax.Array], weights: list[jax.Array], axis: Axes,
+               axis_name: _norms.AxisName, replicated: Any, tree: Any
+               ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Per-unit sums of squares of gradients and parameters, over all devices of ``axis_name``."""
+  acc = _norms.accumulation_dtype(grads + weights)
+  axes = [unit_axes(g, axis) for g in grads]
+  squares = ([unit_squares(g, a, acc) for g, a in zip(grads, axes)]
+             + [unit_squares(w, a, acc) for w, a in zip(weights, axes)])
+  if axis_name is not None and squares:
+    flags = _norms.replicated_mask(tree, replicated) * 2
+    flat = _norms.all_reduce(jnp.concatenate([q.ravel() for q in squares]), axis_name,
+                             shared=np.repeat(np.asarray(flags, bool), [q.size for q in squares]))
+    starts = np.cumsum([0] + [q.size for q in squares])
+    squares = [flat[s:s + q.size].reshape(q.shape) for s, q in zip(starts, squares)]
+  n = len(grads)
+  return squares[:n], squares[n:]
+
+
+def _decide(g_sq: jax.Array, w_sq: jax.Array, limit: jax.Array, eps: jax.Array) -> _Units:
+  """Scales each unit with ``‖G‖ / max(‖W‖, eps) > limit`` down to that ratio."""
+  g_norm = jnp.sqrt(g_sq)
+  w_norm = jnp.maximum(jnp.sqrt(w_sq), eps)
+  scale, clipped, finite = _base.scale_rule(g_norm, limit * w_norm)
+  positive = w_norm > 0
+  ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), g_norm.dtype)),
+                    jnp.where(g_norm > 0, jnp.inf, 0.0).astype(g_norm.dtype))
+  return _Units(scale, clipped, finite, ratio)
+
+
+def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
+  """The statistics of all units of the tree: the largest ratio, the smallest scale."""
+  def fold(op, values, initial):
+    return functools.reduce(op, values, jnp.asarray(initial))
+
+  largest = fold(jnp.maximum, [jnp.max(u.ratio, initial=0.0).astype(jnp.float32) for u in units], 0.0)
+  smallest = fold(jnp.minimum, [jnp.min(u.scale, initial=1.0).astype(jnp.float32) for u in units], 1.0)
+  clipped = fold(jnp.logical_or, [jnp.any(u.clipped) for u in units], False)
+  finite = fold(jnp.logical_and, [jnp.all(u.finite) for u in units], True)
+  return _base.make_stats(largest, limit, smallest, clipped, finite)
+
+
+def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None, *,
+                       axis_name: _norms.AxisName = None,
+                       replicated: Any = None) -> optax.GradientTransformation:
+  """Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
+
+  For every unit ``i`` (a slice of a leaf, see :func:`clipjax.unitwise_norm`)
+  with gradient ``G_i`` and parameter ``W_i``::
+
+    G_i ← G_i · clipping · max(‖W_i‖, eps) / ‖G_i‖   if ‖G_i‖ / max(‖W_i‖, eps) > clipping
+    G_i ← G_i                                         otherwise
+
+  Norms are Frobenius norms accumulated in float32 (float64 under x64); the
+  result equals ``optax.adaptive_grad_clip``. A unit whose gradient is zero
+  stays zero; a unit whose gradient norm is NaN or inf passes through
+  unscaled (``finite`` False). The statistics in the state report the largest
+  ratio ``‖G_i‖ / max(‖W_i‖, eps)`` as ``norm`` and ``clipping`` as
+  ``threshold``.
+
+  Args:
+    clipping: the largest allowed ratio of a unit's gradient norm to its
+      parameter norm: a number, a scalar array, or an ``optax.Schedule``.
+      Brock et al. use 0.01 for batch size 4096 and larger values for smaller
+      batches.
+    eps: the smallest parameter norm used, so that zero-initialised units
+      (biases) can still move. Default 1e-3.
+    axis: the axis or axes a unit is reduced over, for every leaf; ``None``
+      (default) infers them from the rank as :func:`clipjax.unitwise_norm`.
+      Pass it as a static argument to ``optax.inject_hyperparams``.
+    axis_name: mapped axis name(s) over which leaves are sharded *along their
+      unit axes* (every device holds a slice of every unit, e.g. an
+      ``(in, out)`` kernel sharded along ``in``). The per-unit partial sums of
+      gradients and parameters are then added over the devices with one
+      ``psum`` for the whole tree. With ``axis=None`` the unit axes are
+      inferred from each device's local shard: pass ``axis`` when a shard has
+      a dimension of size 1 that the full leaf does not.
+    replicated: pytree prefix of bools marking leaves that are the same on
+      every device of ``axis_name`` (not sharded); they are counted once.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an
+    :class:`AdaptiveGradClipState`. Its ``update`` needs ``params`` and raises
+    ``ValueError`` without them.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 2.0]])}  # unit (column) norms 5 and 2
+    >>> grads = {"w": jnp.array([[0.3, 3.0], [0.4, 4.0]])}  # unit norms 0.5 and 5
+    >>> tx = clipjax.adaptive_grad_clip(0.5)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates["w"]  # column 0 passes (0.5 / 5 <= 0.5); column 1 is scaled to 0.5 * 2
+    Array([[0.3, 0.6],
+           [0.4, 0.8]], dtype=float32)
+    >>> float(state.stats.norm), bool(state.stats.clipped)  # the largest ratio, 5 / 2
+    (2.5, True)
+
+  References:
+    Brock, De, Smith and Simonyan, `High-Performance Large-Scale Image
+    Recognition Without Normalization <https://arxiv.org/abs/2102.06171>`_,
+    2021.
+  """
+  _base.check_number("clipping", clipping)
+  _base.check_number("eps", eps, allow_schedule=False)
+
+  def rule(updates, limit, low, params):
+    del low
+    if params is None:
+      raise ValueError(_base.NO_PARAMS_MSG.format(name="adaptive_grad_clip"))
+    grads, treedef = jax.tree.flatten(updates)
+    grads = [jnp.asarray(g) for g in grads]
+    weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
+    g_sq, w_sq = _unit_sums(grads, weights, axis, axis_name, replicated, updates)
+    acc = _norms.accumulation_dtype(grads + weights)
+    units = [_decide(g, w, jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc))
+             for g, w in zip(g_sq, w_sq)]
+    out = [_base.scale_leaf(g, u.scale) for g, u in zip(grads, units)]
+    return jax.tree.unflatten(treedef, out), _summary(units, limit)
+
+  return _base.threshold_transform(AdaptiveGradClipState, rule, clipping)

@@ -1,0 +1,56 @@
+"""Workarounds for XLA's behaviour, each with the reason it is needed.
+
+They change how a computation is compiled, never its result: every function
+here returns exactly what its plain counterpart would. Delete one when a
+measurement shows that XLA no longer needs it (benchmarks/RESULTS.md holds
+the measurements).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def materialized(values: jax.Array) -> jax.Array:
+  """``values`` unchanged, computed once: its consumers cannot fuse its producers.
+
+  Why: XLA fuses a reduction over the stacked per-leaf partials into each of
+  the n leaf-sized kernels that read the result, so compile time grows with n².
+  An identity sort (keyed by an iota) is exact, cheap for a vector of n scalars,
+  and never fused.
+  """
+  if values.shape[-1] < 2:
+    return values
+  iota = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  return lax.sort((iota, values), dimension=values.ndim - 1, num_keys=1)[1]
+
+
+def opaque(factor: float, dtype: jnp.dtype) -> jax.Array:
+  """The constant ``factor`` in ``dtype``, hidden from XLA's algebraic simplifier.
+
+  Why: XLA rewrites ``(x·c)·(x·c)`` as ``x²·c²``; for the overflow and
+  underflow rescue factors ``c²`` is outside the accumulation range, so the
+  rewritten product would be ``0·inf``.
+  """
+  return lax.optimization_barrier(jnp.asarray(factor, dtype))
+
+
+def to_square(leaf: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """``leaf`` cast to ``dtype`` and ready to be squared: the modulus only for complex leaves.
+
+  Why: ``abs(x)`` shared by several reductions of a real leaf is materialised
+  as a full-size temporary on XLA CPU; ``x·x`` needs no ``abs``.
+  """
+  if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+    return jnp.abs(leaf).astype(dtype)
+  return leaf.astype(dtype)
+
+
+def unfolded(*values: jax.typing.ArrayLike) -> tuple[jax.Array, ...]:
+  """``values`` as float32 arrays that XLA may not fold into constants.
+
+  Why: under ``jit`` XLA rewrites arithmetic on constants (``(x / c)**2``
+  becomes ``x * x * (1 / c**2)``), an ulp or more off the formula as written,
+  so a jitted schedule would not give exactly ``init_value`` at step 0.
+  """
+  return lax.optimization_barrier(tuple(jnp.asarray(v).astype(jnp.float32) for v in values))
