@@ -20,8 +20,6 @@ from . import _norms
 from ._base import ClipStats, Threshold
 
 _F32 = jnp.float32
-# ZClip's constant in the denominator of the z-score, as in the reference code.
-_ZCLIP_EPS = 1e-6
 
 
 # AutoClip ---------------------------------------------------------------------
@@ -154,29 +152,50 @@ class ZclipState(NamedTuple):
   stats: ClipStats
 
 
+_ZCLIP_MODES = ("zscore", "percentile")
+_ZCLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+
 def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
-          max_norm: Threshold | None = None, *, axis_name: _norms.AxisName = None,
+          max_norm: Threshold | None = None, *, mode: str = "zscore",
+          clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+          skip_update_on_spike: bool = False, eps: float = 1e-6,
+          axis_name: _norms.AxisName = None,
           replicated: Any = None) -> optax.GradientTransformation:
   """ZClip: clips global-norm spikes detected by a z-score against moving statistics.
 
   The first ``warmup_steps`` finite global norms pass unclipped; their mean
   and population variance initialise ``μ`` and ``σ²``. After that, with
-  ``σ = sqrt(σ²)``::
+  ``σ = sqrt(σ²)`` and ``z = (‖g‖ − μ) / (σ + eps)``, a spike is scaled to
+  norm ``ĝ`` and the statistics follow the effective norm::
 
-    z = (‖g‖ − μ) / (σ + 1e-6)
-    ĝ = μ + (z_thresh² / z) · σ   if z > z_thresh   (g is scaled to norm ĝ)
-    ĝ = ‖g‖                       otherwise
+    mode="zscore", clip_option="adaptive_scaling" (default), if z > z_thresh:
+        ĝ = clip_factor · (μ + (z_thresh² / z) · σ)
+    mode="zscore", clip_option="mean", if z > z_thresh:
+        ĝ = μ
+    mode="percentile", if ‖g‖ > μ + z_thresh · σ:
+        ĝ = μ + z_thresh · σ
+    otherwise ĝ = ‖g‖
     μ ← α·μ + (1 − α)·ĝ
     σ² ← α·σ² + (1 − α)·(ĝ − μ)²                     (with the new μ)
 
-  The bigger the spike, the lower its clipped norm. With ``max_norm`` the
-  output norm is also capped at ``max_norm`` on every step, warm-up included;
-  the cap does not enter the statistics (as in the reference code). A step
-  whose norm is NaN or inf passes through unscaled and changes neither
-  ``μ``, ``σ²`` nor the warm-up count. The statistics report as
-  ``threshold`` the norm the update was clipped to, or, when it was not, the
-  norm above which it would have been (``μ + z_thresh·(σ + 1e-6)``, capped by
-  ``max_norm``; ``max_norm`` or inf during warm-up).
+  With the default mode, the bigger the spike, the lower its clipped norm.
+  With ``skip_update_on_spike`` a spike leaves ``μ`` and ``σ²`` as they were.
+  With ``max_norm`` the output norm is also capped at ``max_norm`` on every
+  step, warm-up included; the cap does not enter the statistics. A step whose
+  norm is NaN or inf passes through unscaled and changes neither ``μ``,
+  ``σ²`` nor the warm-up count. The statistics report as ``threshold`` the
+  norm the update was clipped to, or, when it was not, the norm above which
+  it would have been (capped by ``max_norm``; ``max_norm`` or inf during
+  warm-up).
+
+  The options and rules are those of the authors' reference code
+  (``ZClip(alpha, z_thresh, max_grad_norm, eps, warmup_steps, mode,
+  clip_option, clip_factor, skip_update_on_spike)``), with two differences in
+  the defaults: the reference caps the norm at ``max_grad_norm=1.0``, here
+  ``max_norm=None`` applies no cap; and the reference's ``clip_factor``
+  multiplies the whole adaptive threshold (its code; its docstring says the
+  ``z_thresh·σ`` term), as here.
 
   Args:
     alpha: the moving averages' decay, in ``[0, 1)``. Default 0.97.
@@ -185,6 +204,13 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
       Default 25.
     max_norm: optional hard cap on the global norm (a number, scalar array or
       ``optax.Schedule`` of the finite-step count); ``None`` (default) for none.
+    mode: ``"zscore"`` (default) clips spikes by their z-score;
+      ``"percentile"`` clips every norm above ``μ + z_thresh·σ`` to it.
+    clip_option: in ``"zscore"`` mode, ``"adaptive_scaling"`` (default) or
+      ``"mean"`` (spikes are clipped to ``μ``).
+    clip_factor: multiplies the adaptive threshold (> 0). Default 1.0.
+    skip_update_on_spike: leave ``μ`` and ``σ²`` unchanged on a spike.
+    eps: added to ``σ`` in the z-score (>= 0). Default 1e-6.
     axis_name: mapped axis name(s) over which the leaves are sharded; the
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
@@ -212,6 +238,11 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   _base.check_number("z_thresh", z_thresh, strict_min=True, allow_schedule=False)
   _base.check_int("warmup_steps", warmup_steps, minimum=1)
   _base.check_number("max_norm", max_norm, allow_none=True)
+  _base.check_number("clip_factor", clip_factor, strict_min=True, allow_schedule=False)
+  _base.check_number("eps", eps, allow_schedule=False)
+  _base.check_choice("mode", mode, _ZCLIP_MODES)
+  _base.check_choice("clip_option", clip_option, _ZCLIP_OPTIONS)
+  _base.check_choice("skip_update_on_spike", skip_update_on_spike, (False, True))
 
   def init_fn(params):
     del params
@@ -220,15 +251,19 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                       stats=_base.initial_stats(_base.initial_threshold(max_norm)))
 
   def thresholds(x, state, warm):
-    """(the adaptive clip norm, inf when no spike; the norm reported as ``threshold``)."""
-    zt = _base.f32(z_thresh)
+    """(whether ``x`` is a spike; the norm it is clipped to; the norm reported as ``threshold``)."""
+    zt, e = _base.f32(z_thresh), _base.f32(eps)
     std = jnp.sqrt(state.var)
-    z = (x - state.mean) / (std + _ZCLIP_EPS)
-    spike = ~warm & (z > zt)
-    target = state.mean + zt * zt / jnp.where(spike, z, 1.0) * std
-    boundary = jnp.where(warm, jnp.inf, jnp.where(spike, target,
-                                                  state.mean + zt * (std + _ZCLIP_EPS)))
-    return jnp.where(spike, target, jnp.inf), boundary
+    if mode == "percentile":
+      bound = state.mean + zt * std
+      spike, target = ~warm & (x > bound), bound
+    else:
+      bound = state.mean + zt * (std + e)
+      z = (x - state.mean) / (std + e)
+      spike = ~warm & (z > zt)
+      target = state.mean if clip_option == "mean" else (
+          _base.f32(clip_factor) * (state.mean + zt * zt / jnp.where(spike, z, 1.0) * std))
+    return spike, target, jnp.where(warm, jnp.inf, jnp.where(spike, target, bound))
 
   def moments(x, g_hat, state, warm):
     """The next ``(μ, σ²)``: Welford's running values in warm-up, then EMAs of ``ĝ``."""
@@ -245,7 +280,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     norm = norms.total
     x = norm.astype(_F32)
     warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
-    adaptive, boundary = thresholds(x, state, warm)
+    spike, target, boundary = thresholds(x, state, warm)
+    adaptive = jnp.where(spike, target, jnp.inf)
     high = adaptive
     cap = _base.resolve(max_norm, state.count)
     if cap is not None:
@@ -253,6 +289,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
       boundary = jnp.minimum(boundary, cap.astype(_F32))
     scale, clipped, finite = _base.scale_rule(norm, high.astype(norm.dtype))
     mean, var = moments(x, jnp.minimum(x, adaptive), state, warm)
+    if skip_update_on_spike:
+      mean, var = jnp.where(spike, state.mean, mean), jnp.where(spike, state.var, var)
     return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
                              stats=_base.make_stats(norm, boundary, scale, clipped, finite))
 

@@ -143,6 +143,12 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
     raise ValueError(f"{name}={shown} must be finite")
 
 
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices`` (compared by type and value)."""
+  if not any(type(value) is type(c) and value == c for c in choices):
+    raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+
+
 def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
   """Raises when two concrete thresholds are in the wrong order (``low > high``)."""
   if low is None or high is None or not (is_concrete(low) and is_concrete(high)):

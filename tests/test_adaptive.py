@@ -124,7 +124,10 @@ def autoclip_reference(norms, percentile, history):
   return np.array(thresholds), np.array(scales)
 
 
-def zclip_reference(norms, alpha, z_thresh, warmup_steps, max_norm=None):
+def zclip_reference(norms, alpha, z_thresh, warmup_steps, max_norm=None, mode="zscore",
+                    clip_option="adaptive_scaling", clip_factor=1.0,
+                    skip_update_on_spike=False, eps=1e-6):
+  """The authors' ZClip.step, transcribed, with the cap applied as ``max_norm``."""
   cap = np.inf if max_norm is None else max_norm
   buffer, mean, var = [], None, None
   thresholds, scales, means = [], [], []
@@ -139,15 +142,18 @@ def zclip_reference(norms, alpha, z_thresh, warmup_steps, max_norm=None):
       means.append(np.nan if mean is None else mean)
       continue
     std = np.sqrt(var)
-    z = (n - mean) / (std + 1e-6)
-    if z > z_thresh:
-      target = mean + z_thresh**2 / z * std
-      threshold, g_hat = target, target
+    z = (n - mean) / (std + eps)
+    if mode == "percentile":
+      bound = mean + z_thresh * std
+      spike, target = n > bound, bound
     else:
-      threshold, g_hat = mean + z_thresh * (std + 1e-6), n
+      bound = mean + z_thresh * (std + eps)
+      spike = z > z_thresh
+      target = mean if clip_option == "mean" else clip_factor * (mean + z_thresh**2 / z * std)
+    threshold, g_hat = (target, target) if spike else (bound, n)
     thresholds.append(min(threshold, cap))
     scales.append(_factor(n, min(g_hat, cap)))
-    if np.isfinite(n):
+    if np.isfinite(n) and not (spike and skip_update_on_spike):
       mean = alpha * mean + (1 - alpha) * g_hat
       var = alpha * var + (1 - alpha) * (g_hat - mean) ** 2
     means.append(mean)
@@ -209,8 +215,10 @@ def test_autoclip_matches_reference(percentile, history):
   assert clipped == 0 if history == 1 else clipped > 0  # history 1: the threshold is the norm
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"alpha": 0.9, "z_thresh": 2.0, "warmup_steps": 10,
-                                         "max_norm": 3.0}])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"alpha": 0.9, "z_thresh": 2.0, "warmup_steps": 10, "max_norm": 3.0},
+    {"mode": "percentile", "z_thresh": 2.0}, {"clip_option": "mean"},
+    {"clip_factor": 0.7, "eps": 1e-3}, {"skip_update_on_spike": True, "max_norm": 5.0}])
 def test_zclip_matches_reference(kwargs):
   args = {"alpha": 0.97, "z_thresh": 2.5, "warmup_steps": 25, "max_norm": None} | kwargs
   norms = _norm_sequence()
@@ -571,6 +579,11 @@ def test_agc_sharded_along_unit_axes_matches_optax():
     (clipjax.zclip, {"z_thresh": 0.0}, "z_thresh"),
     (clipjax.zclip, {"warmup_steps": 0}, "warmup_steps"),
     (clipjax.zclip, {"max_norm": -1.0}, "max_norm"),
+    (clipjax.zclip, {"mode": "median"}, "mode"),
+    (clipjax.zclip, {"clip_option": "max"}, "clip_option"),
+    (clipjax.zclip, {"clip_factor": 0.0}, "clip_factor"),
+    (clipjax.zclip, {"eps": -1e-6}, "eps"),
+    (clipjax.zclip, {"skip_update_on_spike": 1}, "skip_update_on_spike"),
     (clipjax.adagc, {"lambda_abs": 0.0}, "lambda_abs"),
     (clipjax.adagc, {"lambda_rel": -1.0}, "lambda_rel"),
     (clipjax.adagc, {"beta": 1.0}, "beta"),
