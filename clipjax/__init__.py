@@ -29,6 +29,9 @@ from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_
 from ._schedules import inverse_sqrt_decay as inverse_sqrt_decay
 from ._schedules import inverse_time_decay as inverse_time_decay
 from ._schedules import polynomial_decay as polynomial_decay
+from ._skip import SkipSpikesState as SkipSpikesState
+from ._skip import SkipStats as SkipStats
+from ._skip import skip_spikes as skip_spikes
 from ._stats import clip_stats as clip_stats
 from ._wrappers import clipped as clipped
 
@@ -47,6 +50,8 @@ __all__ = [
     "ClipState",
     "ClipStats",
     "QuantileClipState",
+    "SkipSpikesState",
+    "SkipStats",
     "ZclipState",
     "adagc",
     "adaptive_grad_clip",
@@ -65,6 +70,7 @@ __all__ = [
     "per_example_layer_norm_clip",
     "polynomial_decay",
     "quantile_clip",
+    "skip_spikes",
     "unitwise_norm",
     "zclip",
 ]

@@ -120,6 +120,12 @@ ENTRIES = [
     Entry("adagc", "adagc", {"lambda_abs": 1.0, "warmup_steps": 2}, hyper=("lambda_rel", 0.5)),
     Entry("quantile_clip", "quantile_clip", {"target_quantile": 0.5, "initial_norm": 1.0},
           hyper=("learning_rate", 0.5)),
+    # A clipper inside: its statistics show through the wrapper. With sigma_factor 1 the
+    # spike of the suite's last step is skipped; with 50 it is taken.
+    Entry("skip_spikes", "skip_spikes",
+          {"inner": clipjax.clip_by_global_norm(1.0), "sigma_factor": 50.0, "window": 4,
+           "min_history": 2},
+          hyper=("sigma_factor", 1.0), static_args=("window",)),
 ]
 
 
