@@ -304,18 +304,19 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
 class AdagcState(NamedTuple):
   """State of :func:`adagc`.
 
-  ``gamma[i]`` is γ_i of leaf ``i`` (in ``jax.tree.leaves`` order); inf until
-  the leaf's first nonzero gradient.
+  ``gamma[i]`` is γ_i of tensor ``i``: the leaves in ``jax.tree.leaves``
+  order, a leaf with a layer axis one tensor per slice. It is inf until the
+  tensor's first nonzero gradient.
   """
 
-  gamma: jax.Array  # [n_leaves] float32, per-tensor reference norms γ_i
+  gamma: jax.Array  # [n_tensors] float32, per-tensor reference norms γ_i
   count: jax.Array  # [] int32, finite steps seen (the warm-up clock; NaN steps do not count)
   stats: ClipStats
 
 
 def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           warmup_steps: int = 100, *, axis_name: _norms.AxisName = None,
-          replicated: Any = None) -> optax.GradientTransformation:
+          replicated: Any = None, layer_axis: Any = None) -> optax.GradientTransformation:
   """AdaGC: per-tensor clipping at a moving average of each tensor's own clipped norm.
 
   During the first ``warmup_steps`` finite steps the update is clipped to
@@ -349,6 +350,9 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
       collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
+    layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
+      (a scanned model's stacked layers) holds one tensor, with its own γ,
+      per slice along that axis. Give ``init`` the same tree structure.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an :class:`AdagcState`.
@@ -380,7 +384,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   _base.check_int("warmup_steps", warmup_steps, minimum=0)
 
   def init_fn(params):
-    n = len(jax.tree.leaves(params))
+    n = sum(_norms.layout(params, layer_axis).counts)
     return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32), count=jnp.zeros((), jnp.int32),
                       stats=_base.initial_stats(_base.f32(lambda_abs)))
 
@@ -409,10 +413,10 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     threshold = jnp.where(warm, lam_abs, jnp.sqrt(jnp.sum(jnp.square(relative))))
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)
-    return scales, AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
+    return (scales, norms.layout), AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
                               count=_base.next_count(state.count), stats=stats)
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(init_fn, step, axis_name, replicated, layer_axis)
 
 
 # Quantile tracking ------------------------------------------------------------

@@ -51,6 +51,18 @@ def unit_axes(x: jax.Array, axis: Axes) -> tuple[int, ...]:
       f"unitwise_norm: x.shape={x.shape} has no default unit axes; pass axis=")
 
 
+def slice_unit_axes(x: jax.Array, axis: Axes, layer: int | None) -> tuple[int, ...]:
+  """The unit axes of ``x``, inferred from the rank of one slice along ``layer`` when given.
+
+  An explicit ``axis`` counts the slice's axes too, so the same ``axis`` serves
+  a scanned leaf and its unscanned twin.
+  """
+  if layer is None:
+    return unit_axes(x, axis)
+  axes = unit_axes(jax.ShapeDtypeStruct(x.shape[:layer] + x.shape[layer + 1:], x.dtype), axis)
+  return tuple(a + (a >= layer) for a in axes)
+
+
 def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
   """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
   x = _xla.to_square(x, acc)
@@ -111,11 +123,12 @@ class _Units(NamedTuple):
 
 
 def _unit_sums(grads: list[jax.Array], weights: list[jax.Array], axis: Axes,
-               axis_name: _norms.AxisName, replicated: Any, tree: Any
+               axis_name: _norms.AxisName, replicated: Any, layer_axis: Any, tree: Any
                ) -> tuple[list[jax.Array], list[jax.Array]]:
   """Per-unit sums of squares of gradients and parameters, over all devices of ``axis_name``."""
   acc = _norms.accumulation_dtype(grads + weights)
-  axes = [unit_axes(g, axis) for g in grads]
+  layers = _norms.layout(tree, layer_axis).layers
+  axes = [slice_unit_axes(g, axis, layer) for g, layer in zip(grads, layers)]
   squares = ([unit_squares(g, a, acc) for g, a in zip(grads, axes)]
              + [unit_squares(w, a, acc) for w, a in zip(weights, axes)])
   if axis_name is not None and squares:
@@ -152,8 +165,8 @@ def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
 
 
 def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None, *,
-                       axis_name: _norms.AxisName = None,
-                       replicated: Any = None) -> optax.GradientTransformation:
+                       axis_name: _norms.AxisName = None, replicated: Any = None,
+                       layer_axis: Any = None) -> optax.GradientTransformation:
   """Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
 
   For every unit ``i`` (a slice of a leaf, see :func:`clipjax.unitwise_norm`)
@@ -188,6 +201,11 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
       a dimension of size 1 that the full leaf does not.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name`` (not sharded); they are counted once.
+    layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
+      (a scanned model's stacked layers) is clipped slice by slice, its unit
+      axes inferred from the rank of one slice (an ``(layers, in, out)``
+      kernel has units over ``in`` per layer), exactly like the unscanned
+      model.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -222,7 +240,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     grads, treedef = jax.tree.flatten(updates)
     grads = [jnp.asarray(g) for g in grads]
     weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
-    g_sq, w_sq = _unit_sums(grads, weights, axis, axis_name, replicated, updates)
+    g_sq, w_sq = _unit_sums(grads, weights, axis, axis_name, replicated, layer_axis, updates)
     acc = _norms.accumulation_dtype(grads + weights)
     units = [_decide(g, w, jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc))
              for g, w in zip(g_sq, w_sq)]

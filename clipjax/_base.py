@@ -238,24 +238,32 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   return jnp.broadcast_to(scale, norm.shape), clipped, finite
 
 
-def apply_scale(updates: Any, scales: jax.Array) -> Any:
+def apply_scale(updates: Any, scales: jax.Array, layout: _norms.Layout | None = None) -> Any:
   """Multiplies each leaf by its scale; the result keeps the leaf's dtype.
 
   ``scales`` is a scalar (one factor for the whole tree) or a vector with one
-  factor per leaf, in ``jax.tree.leaves`` order. Half-precision leaves are
-  multiplied in float32 and cast back, so a small factor cannot underflow in
-  float16 before it is applied.
+  factor per tensor in ``jax.tree.leaves`` order: per leaf, or, with a
+  ``layout`` that gives leaves a layer axis, per slice along it.
+  Half-precision leaves are multiplied in float32 and cast back, so a small
+  factor cannot underflow in float16 before it is applied.
   """
   leaves, treedef = jax.tree.flatten(updates)
-  per_leaf = jnp.ndim(scales) == 1
-  if per_leaf:
-    # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
-    scales = _xla.materialized(jnp.asarray(scales))
+  if jnp.ndim(scales) == 0:
+    return jax.tree.unflatten(treedef, [scale_leaf(jnp.asarray(g), scales) for g in leaves])
+  # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
+  scales = _xla.materialized(jnp.asarray(scales))
+  if layout is None:
+    out = [scale_leaf(jnp.asarray(g), scales[i]) for i, g in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, out)
   out = []
-  for i, leaf in enumerate(leaves):
-    leaf = jnp.asarray(leaf)
-    scale = scales[i] if per_leaf else scales
-    out.append(scale_leaf(leaf, scale))
+  for g, start, count, layer in zip(leaves, layout.starts, layout.counts, layout.layers):
+    g = jnp.asarray(g)
+    if layer is None:
+      out.append(scale_leaf(g, scales[start]))
+      continue
+    shape = [1] * g.ndim
+    shape[layer] = count
+    out.append(scale_leaf(g, jnp.reshape(scales[start:start + count], shape)))
   return jax.tree.unflatten(treedef, out)
 
 
@@ -314,12 +322,13 @@ def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(finite, new, old)
 
 
-# (norms of the update, state) -> (scale: scalar or one per leaf, next state)
-_Step = Callable[[_norms.Norms, Any], tuple[jax.Array, Any]]
+# (norms of the update, state) -> (scale, next state); the scale is a scalar, or
+# ``(one per tensor, layout)``.
+_Step = Callable[[_norms.Norms, Any], tuple[Any, Any]]
 
 
 def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms.AxisName,
-                   replicated: Any) -> optax.GradientTransformation:
+                   replicated: Any, layer_axis: Any = None) -> optax.GradientTransformation:
   """A clipper whose threshold comes from its state and the L2 norms of the update.
 
   ``step`` decides the scale and the next state. When the global norm is NaN
@@ -328,12 +337,14 @@ def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms
 
   def update_fn(updates, state, params=None):
     del params
-    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
+    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
+                           layer_axis=layer_axis)
     scale, new = step(norms, state)
     finite = jnp.isfinite(norms.total)
     kept = {field: keep(finite, getattr(new, field), getattr(state, field))
             for field in new._fields if field != "stats"}
-    return apply_scale(updates, scale), new._replace(**kept)
+    scale, layout = scale if isinstance(scale, tuple) else (scale, None)
+    return apply_scale(updates, scale, layout), new._replace(**kept)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

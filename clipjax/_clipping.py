@@ -144,7 +144,8 @@ def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
 
 def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                  ord: int | float = 2, axis_name: _norms.AxisName = None,
-                 replicated: Any = None) -> optax.GradientTransformation:
+                 replicated: Any = None, layer_axis: Any = None
+                 ) -> optax.GradientTransformation:
   """Clips each leaf (tensor) to norm at most ``max_norm``, independently.
 
   ``g_i ← g_i · max_norm / max(‖g_i‖, max_norm)``, the ``tf.clip_by_norm`` /
@@ -163,6 +164,10 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
       all leaves.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``.
+    layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
+      (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
+      as one tensor per slice along that axis, so it is clipped exactly like
+      the unscanned model. The axis must not be sharded over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipByNormState`.
@@ -182,10 +187,10 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
   def rule(updates, high, low, params):
     del params
     norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
-                           small=low is not None).leaves
-    scales, clipped, finite = _base.scale_rule(norms, high, low)
-    return _base.apply_scale(updates, scales), _per_leaf_stats(
-        norms, high, scales, clipped, finite)
+                           small=low is not None, layer_axis=layer_axis)
+    scales, clipped, finite = _base.scale_rule(norms.leaves, high, low)
+    return _base.apply_scale(updates, scales, norms.layout), _per_leaf_stats(
+        norms.leaves, high, scales, clipped, finite)
 
   return _base.threshold_transform(ClipByNormState, rule, max_norm, min_norm)
 
@@ -248,7 +253,8 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
 
 
 def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None,
-                      replicated: Any = None) -> optax.GradientTransformation:
+                      replicated: Any = None,
+                      layer_axis: Any = None) -> optax.GradientTransformation:
   """Clips each leaf (block) to root-mean-square at most ``threshold``.
 
   ``g_i ← g_i / max(1, rms(g_i) / threshold)`` with
@@ -266,6 +272,10 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
       of devices.
     replicated: pytree prefix of bools marking blocks that are the same on
       every device of ``axis_name`` (counted once, at their local size).
+    layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
+      (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
+      as one block per slice along that axis, so it is clipped exactly like
+      the unscanned model. The axis must not be sharded over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -283,11 +293,12 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
 
   def rule(updates, high, low, params):
     del low, params
-    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
+    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
+                           layer_axis=layer_axis)
     sizes = np.maximum(norms.sizes, 1)
     rms = norms.leaves / jnp.sqrt(jnp.asarray(sizes, norms.leaves.dtype))
     scales, clipped, finite = _base.scale_rule(rms, high)
-    return _base.apply_scale(updates, scales), _per_leaf_stats(
+    return _base.apply_scale(updates, scales, norms.layout), _per_leaf_stats(
         rms, high, scales, clipped, finite)
 
   return _base.threshold_transform(ClipByBlockRmsState, rule, threshold, None)

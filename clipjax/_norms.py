@@ -9,7 +9,7 @@ the one owner of the collective and of the count-once rule for replicated
 leaves.
 """
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -74,18 +74,32 @@ def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
   return jnp.abs(leaf).astype(acc)
 
 
-def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> jax.Array:
-  """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|."""
+def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
+             layer: int | None = None) -> jax.Array:
+  """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|.
+
+  A scalar; with ``layer``, a vector with one partial per slice along that axis.
+  """
   x = _xla.to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
   if factor != 1.0:
     x = x * _xla.opaque(factor, acc)
+  axes = None if layer is None else tuple(i for i in range(x.ndim) if i != layer)
   if x.size == 0:
-    return jnp.zeros((), acc)
+    return jnp.zeros(() if layer is None else (x.shape[layer],), acc)
   if ord == 2:
-    return jnp.sum(x * x)
+    return jnp.sum(x * x, axis=axes)
   if ord == 1:
-    return jnp.sum(x)
-  return jnp.max(x)
+    return jnp.sum(x, axis=axes)
+  return jnp.max(x, axis=axes)
+
+
+def _stacked(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: Ord,
+             acc: jnp.dtype, factor: float = 1.0) -> jax.Array:
+  """The partials of every tensor, ``[n_tensors]``: a leaf's, or one per slice of it."""
+  parts = [_partial(leaf, ord, acc, factor, layer) for leaf, layer in zip(leaves, layers)]
+  if all(layer is None for layer in layers):
+    return jnp.stack(parts)
+  return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
 
 
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
@@ -95,9 +109,9 @@ def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
-def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
-                    small: bool) -> jax.Array:
-  """Per-leaf local partials, stacked as ``[3, n_leaves]`` (plain, shrunk, grown).
+def _local_partials(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: Ord,
+                    acc: jnp.dtype, small: bool) -> jax.Array:
+  """Per-tensor local partials, stacked as ``[3, n_tensors]`` (plain, shrunk, grown).
 
   Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``. Rows 1 and 2 hold the
   same sums over ``x * 2**-k`` and ``x * 2**k``. Row 1 is computed from the
@@ -106,7 +120,7 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
   is a rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
   common case reads each leaf once.
   """
-  plain = _xla.materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
+  plain = _xla.materialized(_stacked(leaves, layers, ord, acc))
   if ord == float("inf"):
     return jnp.stack([plain, plain, plain])
   k = _rescale_exponent(acc)
@@ -127,11 +141,11 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
     return jnp.stack([times(plain, shrink), times(plain, grow)])
 
   def recomputed(_):
-    shrunk = jnp.stack([_partial(leaf, ord, acc, 2.0**-k) for leaf in leaves])
+    shrunk = _stacked(leaves, layers, ord, acc, 2.0**-k)
     if not small:
       # Only overflow is rescued: the grown row is not read where plain is large.
       return jnp.stack([shrunk, times(plain, grow)])
-    return jnp.stack([shrunk, jnp.stack([_partial(leaf, ord, acc, 2.0**k) for leaf in leaves])])
+    return jnp.stack([shrunk, _stacked(leaves, layers, ord, acc, 2.0**k)])
 
   fine = jnp.all(jnp.isfinite(plain))
   if small:
@@ -140,23 +154,70 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
   return jnp.concatenate([plain[None], rescued])
 
 
+def _per_leaf(tree: Any, prefix: Any, name: str, kind: str,
+              is_value: Callable[[Any], bool]) -> list[Any]:
+  """Expands the pytree prefix ``prefix`` to one value per leaf of ``tree``.
+
+  ``None`` (a leaf of the prefix, not an empty subtree) and every value for
+  which ``is_value`` holds apply to the whole subtree they stand for.
+  """
+  n = len(jax.tree.leaves(tree))
+  if prefix is None or is_value(prefix):
+    return [prefix] * n
+  try:
+    full = jax.tree.broadcast(prefix, tree, is_leaf=lambda x: x is None)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"{name}={prefix!r} must be {kind} or a pytree prefix of the updates"
+                     ) from err
+  values = jax.tree.leaves(full, is_leaf=lambda x: x is None)
+  if len(values) != n or not all(v is None or is_value(v) for v in values):
+    raise ValueError(f"{name}={prefix!r} must hold {kind} values, one per leaf or subtree")
+  return values
+
+
 def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
   """Expands the pytree prefix ``replicated`` to one bool per leaf of ``tree``."""
-  n = len(jax.tree.leaves(tree))
-  if replicated is None:
-    return [False] * n
-  if isinstance(replicated, bool):
-    return [replicated] * n
-  try:
-    full = jax.tree.broadcast(replicated, tree)
-  except (ValueError, TypeError) as err:
-    raise ValueError(
-        f"replicated={replicated!r} must be a bool or a pytree prefix of the updates"
-    ) from err
-  flags = jax.tree.leaves(full)
-  if len(flags) != n or not all(isinstance(f, bool) for f in flags):
-    raise ValueError(f"replicated={replicated!r} must hold Python bools, one per leaf or subtree")
-  return flags
+  flags = _per_leaf(tree, replicated, "replicated", "a bool", lambda v: isinstance(v, bool))
+  return [bool(flag) for flag in flags]
+
+
+class Layout(NamedTuple):
+  """How the leaves of a tree split into tensors (static).
+
+  A leaf is one tensor, or, with a layer axis, one tensor per slice along it
+  (a scanned model's stacked layers).
+  """
+
+  layers: tuple[int | None, ...]  # per leaf, the layer axis (non-negative) or None
+  counts: tuple[int, ...]  # per leaf, how many tensors it holds
+
+  @property
+  def starts(self) -> tuple[int, ...]:
+    """Each leaf's first tensor, in the ``[n_tensors]`` vectors."""
+    return tuple(int(s) for s in np.cumsum((0,) + self.counts[:-1]))
+
+  def per_tensor(self, values: Sequence[Any]) -> np.ndarray:
+    """One value per leaf, repeated for each tensor the leaf holds."""
+    return np.repeat(np.asarray(values), self.counts)
+
+
+def layout(tree: Any, layer_axis: Any = None) -> Layout:
+  """The tensors of ``tree`` under the pytree prefix ``layer_axis`` of ``int | None``.
+
+  Raises ``ValueError`` naming the leaf's path when a layer axis is out of its range.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  axes = _per_leaf(tree, layer_axis, "layer_axis", "an int",
+                   lambda v: isinstance(v, int) and not isinstance(v, bool))
+  layers, counts = [], []
+  for (path, leaf), axis in zip(flat, axes):
+    shape = jnp.shape(leaf)
+    if axis is not None and not -len(shape) <= axis < len(shape):
+      raise ValueError(f"layer_axis={axis} is out of range for the leaf"
+                       f" {jax.tree_util.keystr(path)} of shape {shape}")
+    layers.append(None if axis is None else axis % len(shape))
+    counts.append(1 if axis is None else shape[axis])
+  return Layout(tuple(layers), tuple(counts))
 
 
 def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Array = False,
@@ -219,34 +280,42 @@ def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: _Part
 
 
 class Norms(NamedTuple):
-  """The norms of one update, from one cross-device reduction."""
+  """The norms of one update, from one cross-device reduction.
 
-  leaves: jax.Array  # [n_leaves] float32 (float64 under x64), one norm per leaf
+  A tensor is a leaf, or a slice of one along its layer axis (see :class:`Layout`).
+  """
+
+  leaves: jax.Array  # [n_tensors] float32 (float64 under x64), one norm per tensor
   total: jax.Array  # [] same dtype, the norm of the whole tree
-  sizes: np.ndarray  # [n_leaves] int, elements per leaf over all devices (replicated: once)
+  sizes: np.ndarray  # [n_tensors] int, elements over all devices (replicated: once)
+  layout: Layout
 
 
-def _norms_of(partials: _Partials, sizes: np.ndarray) -> Norms:
+def _norms_of(partials: _Partials, sizes: np.ndarray, layout: Layout) -> Norms:
   leaves = _root(partials.plain, partials.shrunk, partials.grown, partials)
   if partials.ord == float("inf"):
     total = jnp.max(partials.plain, initial=0.0)
   else:
     total = _root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
                   partials)
-  return Norms(leaves, total, sizes)
+  return Norms(leaves, total, sizes, layout)
 
 
-def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool],
+def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool], layout: Layout,
                   axis_name: AxisName) -> np.ndarray:
-  """Elements of each leaf over all devices: a sharded leaf counts on each, a replicated one once."""
+  """Elements of each tensor over all devices: sharded ones count on each, replicated ones once."""
   devices = 1 if axis_name is None else lax.axis_size(axis_name)
-  return np.asarray([leaf.size if flag else leaf.size * devices
-                     for leaf, flag in zip(leaves, shared)], np.int64)
+  sizes = [leaf.size // max(count, 1) * (1 if flag else devices)
+           for leaf, flag, count in zip(leaves, shared, layout.counts)]
+  return layout.per_tensor(np.asarray(sizes, np.int64)).astype(np.int64)
 
 
 def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
-            replicated: Any = None, small: bool = False) -> Norms:
-  """Per-leaf and global norms of ``tree`` with one collective.
+            replicated: Any = None, small: bool = False, layer_axis: Any = None) -> Norms:
+  """Per-tensor and global norms of ``tree`` with one collective.
+
+  A tensor is a leaf, or with ``layer_axis`` each slice of a leaf along its
+  layer axis. The layer axis must not be sharded over ``axis_name``.
 
   ``ord`` is normally a Python ``1``, ``2`` or ``inf``; a traced ``ord`` (from
   ``optax.inject_hyperparams``) computes all three locally, reduces the
@@ -258,12 +327,13 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   acc = accumulation_dtype(leaves)
   shared = replicated_mask(tree, replicated)
-  sizes = _global_sizes(leaves, shared, axis_name)
+  tensors = layout(tree, layer_axis)
+  sizes = _global_sizes(leaves, shared, tensors, axis_name)
   if not leaves:
     empty = jnp.zeros((0,), acc)
-    return Norms(empty, jnp.zeros((), acc), sizes)
+    return Norms(empty, jnp.zeros((), acc), sizes, tensors)
   ords = VALID_ORDS if isinstance(ord, jax.core.Tracer) else (ord,)
-  rows = [_local_partials(leaves, o, acc, small) for o in ords]
+  rows = [_local_partials(leaves, tensors.layers, o, acc, small) for o in ords]
   pick = jnp.asarray(ord).astype(jnp.float32)
   chosen = rows[0]
   for value, option in zip(ords[1:], rows[1:]):
@@ -271,12 +341,12 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   if axis_name is not None:
     maximum = ord == float("inf") if len(ords) == 1 else pick == float("inf")
     chosen = all_reduce(chosen, axis_name, maximum=maximum,
-                        shared=np.asarray(shared, bool)[None, :])
-  options = [_norms_of(_Partials.of_rows(chosen, o, acc), sizes) for o in ords]
+                        shared=tensors.per_tensor(np.asarray(shared, bool))[None, :])
+  options = [_norms_of(_Partials.of_rows(chosen, o, acc), sizes, tensors) for o in ords]
   norms = options[0]
   for value, option in zip(ords[1:], options[1:]):
     norms = Norms(jnp.where(pick == value, option.leaves, norms.leaves),
-                  jnp.where(pick == value, option.total, norms.total), sizes)
+                  jnp.where(pick == value, option.total, norms.total), sizes, tensors)
   return norms
 
 
@@ -315,19 +385,26 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
 
 
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
-               replicated: Any = None) -> jax.Array:
-  """The norm of each leaf, stacked in ``jax.tree.leaves`` order.
+               replicated: Any = None, layer_axis: Any = None) -> jax.Array:
+  """The norm of each leaf (tensor), stacked in ``jax.tree.leaves`` order.
 
   Accumulation, ``ord``, ``axis_name`` and ``replicated`` are as in
-  :func:`global_norm`; all leaves are reduced with one collective.
+  :func:`global_norm`; all leaves are reduced with one collective. With
+  ``layer_axis``, a pytree prefix of ``int | None``, each slice of a leaf
+  along its layer axis (a scanned model's stacked layers) has its own norm,
+  in order, where the leaf's one norm would be.
 
   Returns:
-    A ``[n_leaves]`` float32 array (float64 when the tree holds float64 leaves).
+    A ``[n_tensors]`` float32 array (float64 when the tree holds float64
+    leaves): one norm per leaf, or per slice of a leaf with a layer axis.
 
   Example:
     >>> import jax.numpy as jnp
     >>> import clipjax
     >>> clipjax.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.array([-2.0])})
     Array([5., 2.], dtype=float32)
+    >>> clipjax.leaf_norms({"stacked": jnp.array([[3.0, 4.0], [0.0, 1.0]])}, layer_axis=0)
+    Array([5., 1.], dtype=float32)
   """
-  return measure(tree, ord, axis_name=axis_name, replicated=replicated).leaves
+  return measure(tree, ord, axis_name=axis_name, replicated=replicated,
+                 layer_axis=layer_axis).leaves

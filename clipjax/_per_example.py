@@ -72,23 +72,30 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
 
 
 def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.ArrayLike,
-                                uniform: bool = True) -> tuple[Any, Any]:
+                                uniform: bool = True, layer_axis: Any = None
+                                ) -> tuple[Any, Any]:
   """Clips each example's gradient layer by layer, then sums over the batch.
 
-  Each leaf ``i`` (layer) of every example is clipped to its own norm ``C_i``:
-  ``C / sqrt(K)`` for ``K`` leaves when ``uniform``, else
-  ``C · sqrt(D_i / D)`` with ``D_i`` the leaf's size per example and ``D`` the
-  total; so ``sqrt(Σ C_i²) = C``. Same results and signature as optax's
-  function of this name.
+  Each layer ``i`` of every example is clipped to its own norm ``C_i``:
+  ``C / sqrt(K)`` for ``K`` layers when ``uniform``, else
+  ``C · sqrt(D_i / D)`` with ``D_i`` the layer's size per example and ``D`` the
+  total; so ``sqrt(Σ C_i²) = C``. A layer is a leaf, or with ``layer_axis``
+  each slice of a leaf along its layer axis. Same results and signature as
+  optax's function of this name (without ``layer_axis``).
 
   Args:
     grads: a pytree whose leaves all have the batch dimension in axis 0.
     global_l2_norm_clip: the overall clip norm ``C``.
     uniform: split ``C`` evenly over the layers, or in proportion to their size.
+    layer_axis: pytree prefix of ``int | None``, counted in the axes of one
+      example's gradient (axis 0 is the first axis after the batch): a leaf
+      with a layer axis (a scanned model's stacked layers) holds one layer per
+      slice along it, as in the unscanned model.
 
   Returns:
     ``(clipped_sum, num_clipped)``: a pytree of per-leaf sums over the batch,
-    and a pytree (same structure) of per-leaf clipped-example counts.
+    and a pytree (same structure) of clipped-example counts: an int32 scalar
+    per leaf, or a vector with one count per slice for a leaf with a layer axis.
 
   Example:
     >>> import jax.numpy as jnp
@@ -104,14 +111,22 @@ def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.Arra
   _base.check_number("global_l2_norm_clip", global_l2_norm_clip, allow_schedule=False)
   leaves = _check_batch_dim(grads, "per_example_layer_norm_clip")
   treedef = jax.tree.structure(grads)
-  if uniform:
-    fractions = [1.0 / len(leaves)] * len(leaves)
-  else:
-    sizes = [g[0].size for g in leaves]
-    fractions = [size / sum(sizes) for size in sizes]
+  layout = _norms.layout(jax.tree.unflatten(treedef, [g[0] for g in leaves]), layer_axis)
+  sizes = [g[0].size // max(count, 1) for g, count in zip(leaves, layout.counts)]
+  layers = sum(layout.counts)
+  total = sum(size * count for size, count in zip(sizes, layout.counts))
   sums, counts = [], []
-  for g, fraction in zip(leaves, fractions):
-    total, count = per_example_global_norm_clip([g], global_l2_norm_clip * fraction**0.5)
-    sums.append(total[0])
+  for g, size, layer in zip(leaves, sizes, layout.layers):
+    fraction = 1.0 / max(layers, 1) if uniform else size / max(total, 1)
+    clip = global_l2_norm_clip * fraction**0.5
+    if layer is None:
+      total_g, count = per_example_global_norm_clip([g], clip)
+      sums.append(total_g[0])
+      counts.append(count)
+      continue
+    # One clip per slice: the layer axis (after the batch) leads, vmapped.
+    clip_slices = jax.vmap(lambda s: per_example_global_norm_clip([s], clip), in_axes=layer + 1)
+    total_g, count = clip_slices(g)
+    sums.append(jnp.moveaxis(total_g[0], 0, layer))
     counts.append(count)
   return jax.tree.unflatten(treedef, sums), jax.tree.unflatten(treedef, counts)
