@@ -30,6 +30,7 @@ from ._schedules import inverse_sqrt_decay as inverse_sqrt_decay
 from ._schedules import inverse_time_decay as inverse_time_decay
 from ._schedules import polynomial_decay as polynomial_decay
 from ._stats import clip_stats as clip_stats
+from ._stats import norms_by_path as norms_by_path
 from ._stats import path_name as path_name
 from ._wrappers import clipped as clipped
 
@@ -62,6 +63,7 @@ __all__ = [
     "inverse_sqrt_decay",
     "inverse_time_decay",
     "leaf_norms",
+    "norms_by_path",
     "path_name",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",

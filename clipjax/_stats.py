@@ -1,4 +1,4 @@
-"""Reading clip statistics out of any optax state, for logging."""
+"""Reading clip statistics out of any optax state, and gradient norms by path, for logging."""
 
 import warnings
 from collections import Counter
@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _base
+from . import _base, _norms
 
 _STATS_KEY = "stats"
 _FIELDS = _base.ClipStats._fields
@@ -48,6 +48,71 @@ def path_name(keypath: Sequence[Any], sep: str = "/") -> str:
     ['dense/0/kernel', 'scale']
   """
   return jax.tree_util.keystr(tuple(keypath), simple=True, separator=sep)
+
+
+def norms_by_path(tree: Any, ord: int | float | str = 2, *,  # noqa: A002 - optax's name.
+                  axis_name: _norms.AxisName = None, replicated: Any = None,
+                  sep: str = "/") -> dict[str, jax.Array]:
+  """The norm of each leaf of a gradient tree, keyed by its path, for logging.
+
+  ``{path_name(path): ‖leaf‖_ord}`` for every leaf, in ``jax.tree.leaves``
+  order (a dict returned from a jitted function has its keys sorted, as JAX
+  rebuilds every dict), with paths named by :func:`path_name` (dict keys,
+  sequence indices and attribute names joined by ``sep``:
+  ``"encoder/layers/0/kernel"``). The
+  norms are those of :func:`clipjax.leaf_norms`: accumulated in float32
+  (float64 under x64), overflow-safe, and reduced over ``axis_name`` with one
+  collective for all leaves. This is Lightning's ``grad_norm(module,
+  norm_type)`` for a pytree.
+
+  Every key is a path: the global norm is not in the dict, so no leaf can
+  collide with it. It is :func:`clipjax.global_norm` (a second reduction), or,
+  from these norms, their own ``ord``-norm: ``‖(‖g_1‖, …, ‖g_n‖)‖_ord`` equals
+  ``‖g‖_ord`` for ``ord`` 1, 2 and inf.
+
+  Flax NNX states hold ``Variable`` objects whose array is their ``value``
+  attribute, so their paths end in ``"/value"``; ``nnx.to_pure_dict(grads)``
+  gives plain dicts and paths such as ``"kernel"``.
+
+  Args:
+    tree: a pytree of arrays (gradients).
+    ord: ``1``, ``2`` or ``inf`` (``jnp.inf``, ``float("inf")``, ``"inf"``).
+    axis_name: mapped axis name(s) over which the leaves are sharded
+      (``shard_map``, ``pmap``); every norm is then global over them.
+    replicated: pytree prefix of bools marking leaves that are the same on
+      every device of ``axis_name``; they are counted once.
+    sep: the separator between the keys of a path (a non-empty string).
+
+  Returns:
+    A dict from path to a scalar float32 array (float64 under x64).
+
+  Raises:
+    ValueError: when ``ord`` is not 1, 2 or inf, ``sep`` is empty, or two
+      leaves have the same name (keys that contain ``sep``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> grads = {"dense": {"kernel": jnp.array([3.0, 4.0]), "bias": jnp.array([-2.0])}}
+    >>> {k: float(v) for k, v in clipjax.norms_by_path(grads).items()}
+    {'dense/bias': 2.0, 'dense/kernel': 5.0}
+    >>> round(float(clipjax.global_norm(grads)) ** 2, 4)
+    29.0
+  """
+  if not isinstance(sep, str) or not sep:
+    raise ValueError(f"{sep=} must be a non-empty string")
+  paths = [path_name(path, sep) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  _check_unique(paths, sep)
+  norms = _norms.measure(tree, ord, axis_name=axis_name, replicated=replicated).leaves
+  return {path: norms[i] for i, path in enumerate(paths)}
+
+
+def _check_unique(paths: list[str], sep: str) -> None:
+  repeated = [path for path, n in Counter(paths).items() if n > 1]
+  if repeated:
+    raise ValueError(
+        f"two leaves are both named {repeated[0]!r} with {sep=} (a key contains sep); "
+        "pass another sep")
 
 
 def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
