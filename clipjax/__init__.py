@@ -32,6 +32,8 @@ from ._schedules import polynomial_decay as polynomial_decay
 from ._stats import clip_stats as clip_stats
 from ._stats import norms_by_path as norms_by_path
 from ._stats import path_name as path_name
+from ._wrappers import clip_grad_norm as clip_grad_norm
+from ._wrappers import clip_grad_value as clip_grad_value
 from ._wrappers import clipped as clipped
 
 try:
@@ -57,6 +59,8 @@ __all__ = [
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_grad_norm",
+    "clip_grad_value",
     "clip_stats",
     "clipped",
     "global_norm",
