@@ -14,8 +14,8 @@ _STATS_KEY = "stats"
 _FIELDS = _base.ClipStats._fields
 
 _NOT_FOUND = (
-    "clipjax.clip_stats found no clipjax statistics in a state made only of dicts and "
-    "lists. A state restored without a target (orbax `restore(path)`, "
+    "clipjax.clip_stats found no clipjax statistics in a state that holds no NamedTuple, "
+    "only dicts and lists. A state restored without a target (orbax `restore(path)`, "
     "flax.serialization.to_state_dict or msgpack_restore) has lost its classes; "
     "clip_stats then finds a transform's statistics under a 'stats' mapping with the "
     "fields " + ", ".join(_FIELDS) + ", and there is none here (were the states' "
@@ -143,11 +143,11 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     in ``"stats/<field>"`` and no transform is named ``stats``, so they never
     equal a class-based one.
 
-  When nothing is found in a state that holds arrays but is made only of plain
-  containers (dicts, lists, tuples, mappings such as ``nnx.State``; no
-  NamedTuple), a ``UserWarning`` says so: such a state was probably restored
-  without its classes, in a form whose statistics have lost their names.
-  Under Python's default warning filters it is shown once.
+  When nothing is found in a state that holds arrays but no NamedTuple at all
+  (optax's states are NamedTuples; restored without a target they become
+  dicts and lists), a ``UserWarning`` says so: such a state has lost its
+  classes, and here the statistics' field names too (or the optimizer has no
+  clipjax transform). Under Python's default warning filters it is shown once.
 
   Args:
     opt_state: an optax state, or any pytree that contains one.

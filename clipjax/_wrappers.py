@@ -107,7 +107,8 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
   reaches the caller as a ``jax.errors.JaxRuntimeError`` (a subclass of
   ``RuntimeError``) with the same message, raised by the jitted call (on
   backends that dispatch asynchronously, at the latest when its results are
-  read). No ``checkify`` wrapper is needed.
+  read); JAX also logs the callback's traceback. No ``checkify`` wrapper is
+  needed.
 
   Args:
     grads: a pytree of gradients (one array is a tree too).
