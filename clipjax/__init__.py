@@ -33,6 +33,10 @@ from ._skip import SkipSpikesState as SkipSpikesState
 from ._skip import SkipStats as SkipStats
 from ._skip import skip_spikes as skip_spikes
 from ._stats import clip_stats as clip_stats
+from ._stats import norms_by_path as norms_by_path
+from ._stats import path_name as path_name
+from ._wrappers import clip_grad_norm as clip_grad_norm
+from ._wrappers import clip_grad_value as clip_grad_value
 from ._wrappers import clipped as clipped
 
 try:
@@ -60,12 +64,16 @@ __all__ = [
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_grad_norm",
+    "clip_grad_value",
     "clip_stats",
     "clipped",
     "global_norm",
     "inverse_sqrt_decay",
     "inverse_time_decay",
     "leaf_norms",
+    "norms_by_path",
+    "path_name",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
     "polynomial_decay",

@@ -1,10 +1,14 @@
-"""Keras-style clipping options for any optax optimizer."""
+"""Keras-style clipping options for any optax optimizer, and PyTorch-style clipping functions."""
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
+import jax
+import numpy as np
 import optax
 
-from . import _base
+from . import _base, _norms
 from ._base import Threshold
 from ._clipping import clip, clip_by_global_norm, clip_by_norm
 
@@ -72,3 +76,138 @@ def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = No
 
 _CLIPPERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "clipnorm": clip_by_norm, "clipvalue": clip, "global_clipnorm": clip_by_global_norm}
+
+
+def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | str = 2.0,
+                   error_if_nonfinite: bool = False) -> tuple[Any, jax.Array]:
+  """Clips a gradient tree to global norm at most ``max_norm``, as PyTorch's ``clip_grad_norm_``.
+
+  ``g ← g · max_norm / max(‖g‖, max_norm)``, with ``‖g‖`` the ``norm_type``
+  norm of all leaves together: :func:`clipjax.clip_by_global_norm` applied once,
+  outside an optax chain, returning the pre-clip norm the way
+  ``torch.nn.utils.clip_grad_norm_`` does. Pure and jit-compatible: the
+  clipped tree is returned, not written in place.
+
+  The rule is clipjax's, not torch's ``max_norm / (‖g‖ + 1e-6)``: the scaled
+  norm is ``max_norm`` exactly, and a norm at or below ``max_norm`` leaves the
+  gradients unchanged. The two factors differ by a relative
+  ``1e-6 / (‖g‖ + 1e-6)``, so for finite gradients the results equal torch's
+  to that relative precision. ``total_norm`` is float32 (float64 under x64),
+  accumulated overflow-safe whatever the gradients' dtype; the clipped leaves
+  keep their dtypes. With a NaN or inf norm, torch multiplies the gradients by
+  NaN or 0; clipjax returns them unscaled (the library's non-finite policy:
+  a bad step stays visible, for ``optax.apply_if_finite`` or a check of
+  ``total_norm`` to skip).
+
+  ``error_if_nonfinite=True`` raises when ``total_norm`` is NaN or inf.
+  Called eagerly, the call raises ``RuntimeError``, as torch does. Under a
+  transformation (``jax.jit``, ``shard_map``, ``lax.scan``, ...) the norm is
+  not known when the function is traced: the check is a ``jax.debug.callback``
+  that runs on the host when the computation runs, and its ``RuntimeError``
+  reaches the caller as a ``jax.errors.JaxRuntimeError`` (a subclass of
+  ``RuntimeError``) with the same message, raised by the jitted call (on
+  backends that dispatch asynchronously, at the latest when its results are
+  read); JAX also logs the callback's traceback. No ``checkify`` wrapper is
+  needed.
+
+  Args:
+    grads: a pytree of gradients (one array is a tree too).
+    max_norm: the largest global norm, ``>= 0``: a number or a scalar array
+      (traced values work under ``jit``).
+    norm_type: ``1``, ``2`` or ``inf`` (``float("inf")``, ``jnp.inf`` or
+      ``"inf"``); torch's other p-norms are not supported.
+    error_if_nonfinite: raise when the total norm is NaN or inf, instead of
+      returning the gradients unscaled.
+
+  Returns:
+    ``(clipped_grads, total_norm)``: the clipped tree and the norm of ``grads``
+    before clipping.
+
+  Raises:
+    ValueError: when ``norm_type`` is not 1, 2 or inf, ``max_norm`` is
+      negative or not a number, or ``error_if_nonfinite`` is not a bool.
+    RuntimeError: when ``error_if_nonfinite`` and the total norm is not
+      finite (see above for the form it takes under a transformation).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> clipped, total_norm = clipjax.clip_grad_norm(grads, max_norm=1.0)
+    >>> clipped["w"], float(total_norm)
+    (Array([0.6, 0.8], dtype=float32), 5.0)
+  """
+  ord = _norm_type(norm_type)
+  _base.check_number("max_norm", max_norm, allow_schedule=False)
+  if not isinstance(error_if_nonfinite, (bool, np.bool_)):
+    raise ValueError(f"{error_if_nonfinite=} must be a bool")
+  clipped_grads, state = clip_by_global_norm(max_norm, ord=ord).update(grads, None)
+  total_norm = state.stats.norm
+  if error_if_nonfinite:
+    _check_finite(total_norm, _shown(norm_type))
+  return clipped_grads, total_norm
+
+
+def clip_grad_value(grads: Any, clip_value: float | jax.Array) -> Any:
+  """Clamps every gradient element into ``[-clip_value, clip_value]``, as torch's clip_grad_value_.
+
+  ``g ← clamp(g, -clip_value, clip_value)``: :func:`clipjax.clip` applied
+  once, outside an optax chain. Pure and jit-compatible: the clamped tree is
+  returned, not written in place, each leaf in its own dtype. For finite
+  gradients the result equals ``torch.nn.utils.clip_grad_value_``'s. When some
+  element is NaN or inf, torch clamps the others (and ``±inf`` to
+  ``±clip_value``); clipjax returns the whole tree unchanged (the library's
+  non-finite policy: a bad step stays visible, for ``optax.apply_if_finite``
+  to skip).
+
+  Args:
+    grads: a pytree of gradients (one array is a tree too).
+    clip_value: the largest magnitude an element may keep, ``>= 0``: a number
+      or a scalar array (traced values work under ``jit``).
+
+  Returns:
+    The clamped tree.
+
+  Raises:
+    ValueError: when ``clip_value`` is negative or not a number.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import clipjax
+    >>> clipjax.clip_grad_value({"w": jnp.array([0.5, -3.0, 2.0])}, clip_value=1.0)["w"]
+    Array([ 0.5, -1. ,  1. ], dtype=float32)
+  """
+  _base.check_number("clip_value", clip_value, allow_schedule=False)
+  clamped, _ = clip(clip_value).update(grads, None)
+  return clamped
+
+
+def _norm_type(norm_type: Any) -> Any:
+  """``norm_type`` as the ``ord`` of the norms module, or a ``ValueError`` naming it."""
+  if isinstance(norm_type, (bool, np.bool_)):
+    raise ValueError(f"{norm_type=} must be 1, 2 or inf")
+  try:
+    return _norms.check_ord(norm_type)
+  except ValueError:
+    raise ValueError(f"{norm_type=} must be 1, 2 or inf") from None
+
+
+def _shown(norm_type: Any) -> str:
+  return "a traced value" if isinstance(norm_type, jax.core.Tracer) else repr(norm_type)
+
+
+def _check_finite(total_norm: jax.Array, norm_type: str) -> None:
+  """Raises now for a concrete norm; under a transformation, when the computation runs."""
+  if isinstance(total_norm, jax.core.Tracer):
+    jax.debug.callback(functools.partial(_raise_if_nonfinite, norm_type=norm_type), total_norm)
+  else:
+    _raise_if_nonfinite(total_norm, norm_type=norm_type)
+
+
+def _raise_if_nonfinite(total_norm: Any, *, norm_type: str) -> None:
+  value = float(np.asarray(total_norm))
+  if not np.isfinite(value):
+    raise RuntimeError(
+        f"clip_grad_norm: the total norm of order norm_type={norm_type} of the gradients "
+        f"is {value}, so they cannot be clipped (error_if_nonfinite=True); with "
+        "error_if_nonfinite=False they are returned unscaled")
