@@ -56,7 +56,8 @@ def _percentile(buffer: jax.Array, filled: jax.Array, percentile: jax.Array) -> 
 
 def autoclip(percentile: float = 10.0, history: int = 1024, *,
              axis_name: _norms.AxisName = None,
-             replicated: Any = None) -> optax.GradientTransformation:
+             replicated: Any = None,
+             name: str | None = None) -> optax.GradientTransformation:
   """AutoClip: clips the global norm at a percentile of its own recent history.
 
   With ``‖g‖`` the global L2 norm of the update and ``H`` the global norms of
@@ -82,6 +83,9 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"autoclip"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an :class:`AutoclipState`.
@@ -132,7 +136,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
                                 filled=filled,
                                 stats=_base.make_stats(norm, threshold, scale, clipped, finite))
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(_base.named_state(AutoclipState, name), init_fn, step, axis_name,
+                              replicated)
 
 
 # ZClip ------------------------------------------------------------------------
@@ -161,7 +166,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
           clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
           skip_update_on_spike: bool = False, eps: float = 1e-6,
           axis_name: _norms.AxisName = None,
-          replicated: Any = None) -> optax.GradientTransformation:
+          replicated: Any = None,
+          name: str | None = None) -> optax.GradientTransformation:
   """ZClip: clips global-norm spikes detected by a z-score against moving statistics.
 
   The first ``warmup_steps`` finite global norms pass unclipped; their mean
@@ -215,6 +221,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"zclip"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ZclipState`.
@@ -294,7 +303,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
                              stats=_base.make_stats(norm, boundary, scale, clipped, finite))
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(_base.named_state(ZclipState, name), init_fn, step, axis_name,
+                              replicated)
 
 
 # AdaGC ------------------------------------------------------------------------
@@ -316,7 +326,8 @@ class AdagcState(NamedTuple):
 
 def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           warmup_steps: int = 100, *, axis_name: _norms.AxisName = None,
-          replicated: Any = None, layer_axis: Any = None) -> optax.GradientTransformation:
+          replicated: Any = None, layer_axis: Any = None,
+          name: str | None = None) -> optax.GradientTransformation:
   """AdaGC: per-tensor clipping at a moving average of each tensor's own clipped norm.
 
   During the first ``warmup_steps`` finite steps the update is clipped to
@@ -353,6 +364,9 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
       (a scanned model's stacked layers) holds one tensor, with its own γ,
       per slice along that axis. Give ``init`` the same tree structure.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"adagc"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an :class:`AdagcState`.
@@ -416,7 +430,8 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     return (scales, norms.layout), AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
                               count=_base.next_count(state.count), stats=stats)
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated, layer_axis)
+  return _base.norm_transform(_base.named_state(AdagcState, name), init_fn, step, axis_name,
+                              replicated, layer_axis)
 
 
 # Quantile tracking ------------------------------------------------------------
@@ -432,7 +447,8 @@ class QuantileClipState(NamedTuple):
 
 def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
                   initial_norm: float = 1.0, *, axis_name: _norms.AxisName = None,
-                  replicated: Any = None) -> optax.GradientTransformation:
+                  replicated: Any = None,
+                  name: str | None = None) -> optax.GradientTransformation:
   """Clips the global norm at a running estimate of its ``target_quantile``-quantile.
 
   The geometric quantile update of Andrew et al., applied to the global L2
@@ -457,6 +473,9 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"quantile_clip"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -494,4 +513,5 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
     return scale, QuantileClipState(clip_norm=moved,
                                     stats=_base.make_stats(norm, c, scale, clipped, finite))
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(_base.named_state(QuantileClipState, name), init_fn, step,
+                              axis_name, replicated)

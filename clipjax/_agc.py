@@ -166,7 +166,8 @@ def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
 
 def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None, *,
                        axis_name: _norms.AxisName = None, replicated: Any = None,
-                       layer_axis: Any = None) -> optax.GradientTransformation:
+                       layer_axis: Any = None,
+                       name: str | None = None) -> optax.GradientTransformation:
   """Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
 
   For every unit ``i`` (a slice of a leaf, see :func:`clipjax.unitwise_norm`)
@@ -206,6 +207,9 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
       axes inferred from the rank of one slice (an ``(layers, in, out)``
       kernel has units over ``in`` per layer), exactly like the unscanned
       model.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"adaptive_grad_clip"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -247,4 +251,5 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     out = [_base.scale_leaf(g, u.scale) for g, u in zip(grads, units)]
     return jax.tree.unflatten(treedef, out), _summary(units, limit)
 
-  return _base.threshold_transform(AdaptiveGradClipState, rule, clipping)
+  state_cls = _base.named_state(AdaptiveGradClipState, name)
+  return _base.threshold_transform(state_cls, rule, clipping)

@@ -35,6 +35,28 @@ def stats_state(name: str) -> Callable[[_T], _T]:
   return register
 
 
+_NAMED: dict[tuple[type, str], type] = {}
+
+
+def named_state(cls: _T, name: str | None) -> _T:
+  """The state class of a transform called ``name`` (``name=`` of every transform).
+
+  ``cls`` itself for ``None`` or its registered name; otherwise a subclass of
+  it, registered with ``name``, made once per ``(cls, name)`` so that states
+  built with the same name have the same pytree type.
+  """
+  if name is None or name == _STATE_NAMES[cls]:
+    return cls
+  if not isinstance(name, str) or not name or "/" in name:
+    raise ValueError(f"{name=} must be a non-empty string without '/'")
+  if (cls, name) not in _NAMED:
+    named = type(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__,
+                                         "__qualname__": cls.__qualname__})
+    _STATE_NAMES[named] = name
+    _NAMED[cls, name] = named
+  return _NAMED[cls, name]
+
+
 def state_name(node: Any) -> str | None:
   """The transform name of a registered state, else ``None``."""
   return _STATE_NAMES.get(type(node))
@@ -327,13 +349,18 @@ def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 _Step = Callable[[_norms.Norms, Any], tuple[Any, Any]]
 
 
-def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms.AxisName,
-                   replicated: Any, layer_axis: Any = None) -> optax.GradientTransformation:
+def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
+                   axis_name: _norms.AxisName, replicated: Any,
+                   layer_axis: Any = None) -> optax.GradientTransformation:
   """A clipper whose threshold comes from its state and the L2 norms of the update.
 
   ``step`` decides the scale and the next state. When the global norm is NaN
-  or inf, every field of the state but ``stats`` is kept as it was.
+  or inf, every field of the state but ``stats`` is kept as it was. States
+  are returned as ``state_cls`` (the class :func:`named_state` gives).
   """
+
+  def init(params):
+    return state_cls(*init_fn(params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -344,9 +371,9 @@ def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms
     kept = {field: keep(finite, getattr(new, field), getattr(state, field))
             for field in new._fields if field != "stats"}
     scale, layout = scale if isinstance(scale, tuple) else (scale, None)
-    return apply_scale(updates, scale, layout), new._replace(**kept)
+    return apply_scale(updates, scale, layout), state_cls(*new._replace(**kept))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init, update_fn)
 
 
 NO_PARAMS_MSG = (

@@ -64,7 +64,8 @@ def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
 
 
 def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
-         axis_name: _norms.AxisName = None) -> optax.GradientTransformation:
+         axis_name: _norms.AxisName = None,
+         name: str | None = None) -> optax.GradientTransformation:
   """Clips every element's magnitude into ``[min_delta, max_delta]``, keeping its sign.
 
   ``g ← sign(g) · clamp(|g|, min_delta, max_delta)``, with exact zeros kept at
@@ -84,6 +85,9 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
       clamp itself is element-wise; the axis makes the statistics and the
       non-finite check global (one ``pmax``), so every device passes a
       non-finite update through together.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"clip"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipState`.
@@ -129,7 +133,8 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
     stats = _base.make_stats(largest, high, scale, clipped, finite)
     return jax.tree.map(clamp, updates), stats
 
-  return _base.threshold_transform(ClipState, rule, max_delta, min_delta)
+  state_cls = _base.named_state(ClipState, name)
+  return _base.threshold_transform(state_cls, rule, max_delta, min_delta)
 
 
 def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
@@ -144,8 +149,8 @@ def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
 
 def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                  ord: int | float = 2, axis_name: _norms.AxisName = None,
-                 replicated: Any = None, layer_axis: Any = None
-                 ) -> optax.GradientTransformation:
+                 replicated: Any = None, layer_axis: Any = None,
+                 name: str | None = None) -> optax.GradientTransformation:
   """Clips each leaf (tensor) to norm at most ``max_norm``, independently.
 
   ``g_i ← g_i · max_norm / max(‖g_i‖, max_norm)``, the ``tf.clip_by_norm`` /
@@ -168,6 +173,9 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
       (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
       as one tensor per slice along that axis, so it is clipped exactly like
       the unscanned model. The axis must not be sharded over ``axis_name``.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"clip_by_norm"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipByNormState`.
@@ -192,12 +200,14 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
     return _base.apply_scale(updates, scales, norms.layout), _per_leaf_stats(
         norms.leaves, high, scales, clipped, finite)
 
-  return _base.threshold_transform(ClipByNormState, rule, max_norm, min_norm)
+  state_cls = _base.named_state(ClipByNormState, name)
+  return _base.threshold_transform(state_cls, rule, max_norm, min_norm)
 
 
 def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                         ord: int | float = 2, axis_name: _norms.AxisName = None,
-                        replicated: Any = None) -> optax.GradientTransformation:
+                        replicated: Any = None,
+                        name: str | None = None) -> optax.GradientTransformation:
   """Clips the whole update tree to global norm at most ``max_norm``.
 
   ``g ← g · max_norm / max(‖g‖, max_norm)`` with ``‖g‖`` the norm of all
@@ -218,6 +228,9 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
       ``psum`` (``pmax`` for inf) per update.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"clip_by_global_norm"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -249,12 +262,14 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
     return _base.apply_scale(updates, scale), _base.make_stats(
         norm, high, scale, clipped, finite)
 
-  return _base.threshold_transform(ClipByGlobalNormState, rule, max_norm, min_norm)
+  state_cls = _base.named_state(ClipByGlobalNormState, name)
+  return _base.threshold_transform(state_cls, rule, max_norm, min_norm)
 
 
 def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None,
                       replicated: Any = None,
-                      layer_axis: Any = None) -> optax.GradientTransformation:
+                      layer_axis: Any = None,
+                      name: str | None = None) -> optax.GradientTransformation:
   """Clips each leaf (block) to root-mean-square at most ``threshold``.
 
   ``g_i ← g_i / max(1, rms(g_i) / threshold)`` with
@@ -276,6 +291,9 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
       (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
       as one block per slice along that axis, so it is clipped exactly like
       the unscanned model. The axis must not be sharded over ``axis_name``.
+
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"clip_by_block_rms"``), to tell apart two transforms of one kind.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -301,4 +319,4 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
     return _base.apply_scale(updates, scales, norms.layout), _per_leaf_stats(
         rms, high, scales, clipped, finite)
 
-  return _base.threshold_transform(ClipByBlockRmsState, rule, threshold, None)
+  return _base.threshold_transform(_base.named_state(ClipByBlockRmsState, name), rule, threshold)

@@ -58,8 +58,8 @@ class SkipSpikesState(NamedTuple):
   stats: SkipStats
 
 
-def _initial_stats() -> SkipStats:
-  return SkipStats(norm=jnp.zeros((), _F32), loss=jnp.full((), jnp.nan, _F32),
+def _initial_stats(stats_cls: type = SkipStats) -> SkipStats:
+  return stats_cls(norm=jnp.zeros((), _F32), loss=jnp.full((), jnp.nan, _F32),
                    threshold=jnp.full((), jnp.inf, _F32), skipped=jnp.zeros((), jnp.bool_),
                    skips=jnp.zeros((), jnp.int32))
 
@@ -144,7 +144,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
                 window: int = 128, min_history: int | None = None,
                 max_norm: float | None = None, max_consecutive: int | None = None,
                 axis_name: _norms.AxisName = None,
-                replicated: Any = None) -> optax.GradientTransformationExtraArgs:
+                replicated: Any = None,
+                name: str | None = None) -> optax.GradientTransformationExtraArgs:
   """Skips a step whose gradient norm or loss is a spike against the steps taken before it.
 
   With ``‖g‖`` the global L2 norm of the incoming updates, ``ℓ`` the loss passed
@@ -203,6 +204,9 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
 
+    name: the prefix of its statistics in :func:`clipjax.clip_stats`
+      (default ``"skip_spikes"``), to tell apart two transforms of one kind.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`SkipSpikesState`; its ``stats`` (a :class:`SkipStats`) show in
@@ -235,6 +239,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
   """
   size = _check_arguments(inner, sigma_factor, window, min_history, max_norm, max_consecutive)
   inner = optax.with_extra_args_support(inner)
+  stats_cls = _base.named_state(SkipStats, name)
 
   def init_fn(params):
     if size is None:
@@ -246,7 +251,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
         inner=inner.init(params), norms=jnp.zeros((size,), _F32),
         losses=jnp.full((size,), jnp.nan, _F32), position=jnp.zeros((), jnp.int32),
         filled=jnp.zeros((), jnp.int32), consecutive=jnp.zeros((), jnp.int32),
-        skips=jnp.zeros((), jnp.int32), stats=_initial_stats())
+        skips=jnp.zeros((), jnp.int32), stats=_initial_stats(stats_cls))
 
   def thresholds(state):
     """``(threshold, limit_ℓ)`` in force for this step, from the window."""
@@ -282,7 +287,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
     out, inner_state = _select(skipped, inner_updates, inner_state, state.inner)
     shown = jnp.full((), jnp.nan, _F32) if loss is None else loss
     skips = jnp.where(skipped, optax.safe_increment(state.skips), state.skips)
-    stats = SkipStats(norm=norm, loss=shown, threshold=threshold, skipped=skipped, skips=skips)
+    stats = stats_cls(norm=norm, loss=shown, threshold=threshold, skipped=skipped, skips=skips)
     return out, SkipSpikesState(inner=inner_state, **_record(state, norm, shown, ~skipped),
                                 consecutive=consecutive, skips=skips, stats=stats)
 

@@ -128,9 +128,10 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
 
   - In a state that keeps its classes (what ``tx.init`` and ``tx.update``
     return), a transform is known by its state class and its statistics are
-    ``"<transform>/<field>"``. When a state holds two transforms of the same
-    kind, each is named with its position among them, in tree order:
-    ``"clip_by_norm_0/norm"``, ``"clip_by_norm_1/norm"``.
+    ``"<name>/<field>"``, where ``<name>`` is the transform's ``name=``
+    (default: its own name, e.g. ``"clip_by_norm"``). When a state holds two
+    transforms of one name, each is named with its position among them, in
+    tree order: ``"clip_by_norm_0/norm"``, ``"clip_by_norm_1/norm"``.
   - In a dict-shaped state (``nnx.state(optimizer)``,
     ``flax.serialization.to_state_dict(state)``, an orbax checkpoint restored
     without a target), the classes are gone. A transform's state is then any

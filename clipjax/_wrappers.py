@@ -15,7 +15,8 @@ from ._clipping import clip, clip_by_global_norm, clip_by_norm
 
 def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = None,
             clipvalue: Threshold | None = None,
-            global_clipnorm: Threshold | None = None) -> optax.GradientTransformation:
+            global_clipnorm: Threshold | None = None,
+            name: str | None = None) -> optax.GradientTransformation:
   """Chains the clipper that a Keras optimizer option names in front of ``tx``.
 
   The three options of a Keras optimizer, with Keras' rules:
@@ -41,6 +42,9 @@ def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = No
     clipvalue: largest magnitude of each element.
     global_clipnorm: largest global norm of all leaves together.
 
+    name: the clipper's ``name=``: the prefix of its statistics in
+      :func:`clipjax.clip_stats` (default: the clipper's own name).
+
   Returns:
     ``optax.chain(clipper, tx)``, or ``tx`` when no option is given.
 
@@ -61,16 +65,16 @@ def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = No
     5.0
   """
   options = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm}
-  given = {name: value for name, value in options.items() if value is not None}
+  given = {option: value for option, value in options.items() if value is not None}
   if len(given) > 1:
-    shown = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    shown = ", ".join(f"{option}={value!r}" for option, value in given.items())
     raise ValueError(
         f"at most one of clipnorm, clipvalue and global_clipnorm may be set; got {shown}")
   if not given:
     return tx
-  (name, value), = given.items()
-  _base.check_number(name, value)
-  clipper = _CLIPPERS[name](value)
+  (option, value), = given.items()
+  _base.check_number(option, value)
+  clipper = _CLIPPERS[option](value, name=name)
   return optax.chain(clipper, tx)
 
 
