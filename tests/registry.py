@@ -127,23 +127,16 @@ ENTRIES = [
 def exported_transforms() -> set[str]:
   """The names in ``clipjax.__all__`` whose call returns an ``optax.GradientTransformation``.
 
-  Read from the return annotation (every factory is annotated); a callable
-  without one counts when calling it with no arguments returns a transform.
+  Read from the return annotation, which every exported callable must have.
   """
   found = set()
   for name in clipjax.__all__:
     obj = getattr(clipjax, name)
     if isinstance(obj, type) or not callable(obj):
       continue
-    returns = typing.get_type_hints(obj).get("return")
+    hints = typing.get_type_hints(obj)
+    assert "return" in hints, f"clipjax.{name} has no return annotation"
+    returns = hints["return"]
     if isinstance(returns, type) and issubclass(returns, optax.GradientTransformation):
       found.add(name)
-      continue
-    if returns is None:
-      try:
-        result = obj()
-      except (TypeError, ValueError):
-        continue
-      if isinstance(result, optax.GradientTransformation):
-        found.add(name)
   return found
