@@ -1,5 +1,6 @@
-"""Shared pieces of the multi-device tests: gradient trees, references, HLO counting."""
+"""Shared pieces of the multi-device tests: the cases, gradient trees, HLO counting."""
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -10,103 +11,69 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import clipjax
+import registry
+from _trees import assert_tree_close
+from _trees import random_tree
 
-ORDS = (1, 2, float("inf"))
 RTOL = 1e-5  # f32 results against the unsharded run: only the summation order differs.
+# Floats within RTOL, integers and bools equal, same structure; atol only absorbs
+# round-off of values that are zero in exact arithmetic.
+assert_close = functools.partial(assert_tree_close, rtol=RTOL, atol=1e-30)
 
-# Every norm-based clipper, built with or without the cross-device arguments. The
-# adaptive ones join when the package exports them; their hyperparameters make them
-# clip within a few steps (short warm-ups, short histories).
-_FIXED = ("clip_by_norm", "clip_by_global_norm")
-_ADAPTIVE_KWARGS: dict[str, dict[str, Any]] = {
-    "autoclip": dict(percentile=50.0, history=4),
-    "zclip": dict(alpha=0.8, z_thresh=1.0, warmup_steps=2),
-    "adagc": dict(lambda_rel=1.05, beta=0.9, warmup_steps=2),
-    "quantile_clip": dict(target_quantile=0.5, learning_rate=0.5, initial_norm=1.0),
-}
+# A case: a registry entry and the ord it is built with (None when it takes no ord).
+Case = tuple[registry.Entry, float | None]
 
 
-def adaptive_names() -> list[str]:
-  """The adaptive clippers with ``axis_name`` that the package exports."""
-  return [name for name in _ADAPTIVE_KWARGS if hasattr(clipjax, name)]
+def all_cases() -> list[Case]:
+  """Every clipper with cross-device arguments, at each ord it takes."""
+  entries = registry.select(lambda e: e.dist is not None and not e.needs_params)
+  return [(entry, o) for entry in entries for o in (entry.ords or (None,))]
 
 
-# Element-wise clip (its statistics and non-finite check are global) and block RMS.
-_LOCAL = (("clip", float("inf")), ("clip_by_block_rms", 2))
+def groups() -> dict[str, list[Case]]:
+  """The clippers tested together in one program (one compilation per group).
+
+  "fixed": fixed thresholds with an ``ord``; "local": fixed thresholds without
+  one (element-wise, block RMS); "adaptive": thresholds from running statistics.
+  """
+  cases = all_cases()
+  out = {"fixed": [c for c in cases if c[0].memoryless and c[0].ords],
+         "local": [c for c in cases if c[0].memoryless and not c[0].ords],
+         "adaptive": [c for c in cases if not c[0].memoryless]}
+  assert all(out.values()), out
+  return out
 
 
-def fixed_cases() -> list[tuple[str, float]]:
-  return [(name, o) for name in _FIXED for o in ORDS]
+def make(entry: registry.Entry, ord: float | None = None, threshold: float | None = None,
+         **dist: Any) -> optax.GradientTransformation:
+  """The clipper of a case; ``dist`` holds ``axis_name``/``replicated`` (or nothing).
+
+  Of ``dist``, only the arguments the factory takes are passed.
+  """
+  spec = entry.dist
+  kwargs = {**spec.kwargs, **{k: factor * threshold for k, factor in spec.scaled.items()}}
+  if ord is not None:
+    kwargs["ord"] = ord
+  return entry.make(**kwargs, **{k: v for k, v in dist.items() if k in spec.args})
 
 
-def local_cases() -> list[tuple[str, float]]:
-  return list(_LOCAL)
-
-
-def all_cases() -> list[tuple[str, float]]:
-  """(transform name, ord) for every norm-based clipper; adaptive ones at ord 2."""
-  return fixed_cases() + local_cases() + [(name, 2) for name in adaptive_names()]
-
-
-def make(name: str, ord: float, threshold: float, **dist: Any) -> optax.GradientTransformation:
-  """The named clipper; ``dist`` holds ``axis_name``/``replicated`` (or nothing)."""
-  if name in _FIXED:
-    return getattr(clipjax, name)(threshold, ord=ord, **dist)
-  if name == "clip":
-    return clipjax.clip(threshold, min_delta=threshold / 50, axis_name=dist.get("axis_name"))
-  if name == "clip_by_block_rms":
-    return clipjax.clip_by_block_rms(threshold, **dist)
-  assert ord == 2, name
-  return getattr(clipjax, name)(**_ADAPTIVE_KWARGS[name], **dist)
+def threshold_for(entry: registry.Entry, tree: Any, ord: float | None) -> float | None:
+  """A threshold far from every norm of ``tree``; None for an adaptive clipper."""
+  pick = entry.dist.threshold
+  return None if pick is None else pick(tree, ord)
 
 
 # Gradient trees ----------------------------------------------------------------
 
 
-def np_leaf_norms(tree: Any, ord: float) -> np.ndarray:
-  """Float64 NumPy norm of every leaf, in ``jax.tree.leaves`` order."""
-  out = []
-  for leaf in jax.tree.leaves(tree):
-    x = np.abs(np.asarray(leaf, np.float64)).ravel()
-    if ord == 1:
-      out.append(x.sum())
-    elif ord == 2:
-      out.append(np.sqrt((x * x).sum()))
-    else:
-      out.append(x.max(initial=0.0))
-  return np.array(out)
+def graded_tree(seed: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """Host float32 leaves in sorted order, leaf i scaled by 1 + 2i.
 
-
-def np_global_norm(tree: Any, ord: float) -> float:
-  norms = np_leaf_norms(tree, ord)
-  if ord == 1:
-    return float(norms.sum())
-  if ord == 2:
-    return float(np.sqrt((norms**2).sum()))
-  return float(norms.max())
-
-
-def threshold_for(name: str, tree: Any, ord: float) -> float:
-  """A threshold far from every norm: half the global norm, or a mid leaf norm."""
-  if name == "clip_by_global_norm":
-    return 0.5 * np_global_norm(tree, ord)
-  if name == "clip":
-    return 0.5 * np_global_norm(tree, float("inf"))
-  if name == "clip_by_block_rms":
-    rms = np.sort([np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))
-                   for x in jax.tree.leaves(tree)])
-    return float(np.sqrt(rms[len(rms) // 2 - 1] * rms[len(rms) // 2]))
-  norms = np.sort(np_leaf_norms(tree, ord))
-  mid = len(norms) // 2
-  return float(np.sqrt(norms[mid - 1] * norms[mid]))
-
-
-def random_tree(seed: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  # Leaves of different magnitudes, so per-leaf clipping clips some and not others.
-  return {k: (rng.standard_normal(s) * (1.0 + 2.0 * i)).astype(np.float32)
-          for i, (k, s) in enumerate(sorted(shapes.items()))}
+  Leaves of different magnitudes, so per-leaf clipping clips some and not others.
+  """
+  shapes = dict(sorted(shapes.items()))
+  scales = [1.0 + 2.0 * i for i in range(len(shapes))]
+  return jax.tree.map(np.asarray, random_tree(seed, shapes, scale=scales))
 
 
 # A spike at step 3 makes every adaptive clipper clip after its warm-up.
@@ -114,21 +81,13 @@ STEP_SCALES = (1.0, 1.3, 0.8, 9.0, 1.1, 0.7)
 
 
 def step_trees(seed: int, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
-  return [jax.tree.map(lambda x, s=s: (x * np.float32(s)), random_tree(seed + i, shapes))
+  return [jax.tree.map(lambda x, s=s: (x * np.float32(s)), graded_tree(seed + i, shapes))
           for i, s in enumerate(STEP_SCALES)]
 
 
 def place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs,
                       is_leaf=lambda s: isinstance(s, P))
-
-
-def groups() -> dict[str, list[tuple[str, float]]]:
-  """The clippers tested together in one program (one compilation per group)."""
-  out = {"fixed": fixed_cases(), "local": local_cases()}
-  if adaptive_names():
-    out["adaptive"] = [(name, 2) for name in adaptive_names()]
-  return out
 
 
 def side_by_side(txs: list[optax.GradientTransformation]) -> optax.GradientTransformation:
@@ -144,10 +103,11 @@ def side_by_side(txs: list[optax.GradientTransformation]) -> optax.GradientTrans
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def bundle(cases: list[tuple[str, float]], thresholds: list[float],
+def bundle(cases: list[Case], thresholds: list[float | None],
            **dist: Any) -> optax.GradientTransformation:
   """Several clippers side by side on the same updates: a tuple of results and states."""
-  return side_by_side([make(name, o, t, **dist) for (name, o), t in zip(cases, thresholds)])
+  return side_by_side([make(entry, o, t, **dist)
+                       for (entry, o), t in zip(cases, thresholds, strict=True)])
 
 
 def run_unsharded(tx: optax.GradientTransformation, steps: list[Any]) -> list[tuple[Any, Any]]:
@@ -159,21 +119,6 @@ def run_unsharded(tx: optax.GradientTransformation, steps: list[Any]) -> list[tu
     updates, state = update(grads, state)
     out.append((updates, state))
   return out
-
-
-def assert_tree_close(actual: Any, expected: Any, rtol: float = RTOL, what: str = "") -> None:
-  """Floats within ``rtol`` (relative), integers and bools equal, same structure."""
-  assert jax.tree.structure(actual) == jax.tree.structure(expected), what
-  paths = jax.tree_util.tree_flatten_with_path(expected)[0]
-  for (path, e), a in zip(paths, jax.tree.leaves(actual)):
-    a, e = np.asarray(a), np.asarray(e)
-    where = f"{what}{jax.tree_util.keystr(path)}"
-    assert a.shape == e.shape and a.dtype == e.dtype, (where, a.shape, e.shape, a.dtype, e.dtype)
-    if np.issubdtype(e.dtype, np.floating):
-      # atol only absorbs round-off of values that are zero in exact arithmetic.
-      np.testing.assert_allclose(a, e, rtol=rtol, atol=1e-30, err_msg=where)
-    else:
-      np.testing.assert_array_equal(a, e, err_msg=where)
 
 
 # HLO -----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def main() -> None:
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
   import _dist_cases  # noqa: PLC0415 - beside this file
+  import clipjax  # noqa: PLC0415
 
   jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -63,7 +64,7 @@ def main() -> None:
 
   results = {}
   # One clipper alone: its compiled program holds one all-reduce, across processes too.
-  single = _dist_cases.make("clip_by_global_norm", 2, 1.0, axis_name="d", replicated=REPLICATED)
+  single = clipjax.clip_by_global_norm(1.0, axis_name="d", replicated=REPLICATED)
   single_fn = jax.shard_map(single.update, mesh=mesh, in_specs=(specs, P()),
                             out_specs=(specs, P()))
   lowered, compiled = _dist_cases.compiled_texts(
@@ -114,8 +115,7 @@ def multiprocess_specs():
 
 def multiprocess_cases():
   import _dist_cases  # noqa: PLC0415
-  return ([("clip_by_global_norm", o) for o in _dist_cases.ORDS] + [("clip_by_norm", 2)]
-          + [(name, 2) for name in _dist_cases.adaptive_names()])
+  return _dist_cases.all_cases()
 
 
 def multiprocess_steps(n_devices):
@@ -126,7 +126,7 @@ def multiprocess_steps(n_devices):
 
 def multiprocess_thresholds(steps):
   import _dist_cases  # noqa: PLC0415
-  return [_dist_cases.threshold_for(name, steps[0], o) for name, o in multiprocess_cases()]
+  return [_dist_cases.threshold_for(entry, steps[0], o) for entry, o in multiprocess_cases()]
 
 
 if __name__ == "__main__":

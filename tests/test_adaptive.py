@@ -10,6 +10,11 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import clipjax
+import registry
+from _dist_cases import make as make_distributed
+from _trees import assert_tree_close
+from _trees import np_unit_norms
+from _trees import random_tree
 
 RTOL = 1e-5  # float32 against the float64 references, after 200+ steps of running statistics
 
@@ -290,9 +295,12 @@ def test_quantile_clip_long_run_clipped_fraction():
 # Spikes ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tx", [clipjax.zclip(), clipjax.autoclip(10.0), clipjax.autoclip(90.0),
-                                clipjax.quantile_clip()],
-                         ids=["zclip", "autoclip10", "autoclip90", "quantile_clip"])
+# Each adaptive clipper with its defaults, and AutoClip at a high percentile too.
+SPIKE_CASES = ([pytest.param(entry.make(), id=entry.id) for entry in registry.STATEFUL]
+               + [pytest.param(clipjax.autoclip(90.0), id="autoclip90")])
+
+
+@pytest.mark.parametrize("tx", SPIKE_CASES)
 def test_spike_after_warmup_is_clipped_and_next_step_passes(tx):
   rng = np.random.default_rng(5)
   warm = rng.uniform(0.9, 1.1, 100)
@@ -308,17 +316,9 @@ def test_spike_after_warmup_is_clipped_and_next_step_passes(tx):
 # Non-finite steps through the public API -------------------------------------------
 
 
-ADAPTIVE = {
-    "autoclip": lambda **kw: clipjax.autoclip(50.0, history=8, **kw),
-    "zclip": lambda **kw: clipjax.zclip(warmup_steps=3, **kw),
-    "adagc": lambda **kw: clipjax.adagc(warmup_steps=3, **kw),
-    "quantile_clip": lambda **kw: clipjax.quantile_clip(**kw),
-}
-
-
-@pytest.mark.parametrize("name", sorted(ADAPTIVE))
-def test_nan_and_inf_steps_pass_through_and_keep_state(name):
-  tx = ADAPTIVE[name]()
+@pytest.mark.parametrize("entry", registry.STATEFUL, ids=str)
+def test_nan_and_inf_steps_pass_through_and_keep_state(entry):
+  tx = entry.build()
   params = {"a": jnp.ones((3,)), "b": jnp.ones((2, 2))}
   update = jax.jit(tx.update)
   state = tx.init(params)
@@ -338,26 +338,12 @@ def test_nan_and_inf_steps_pass_through_and_keep_state(name):
     assert float(new.stats.scale) == 1.0
 
 
-@pytest.mark.parametrize("name", sorted(ADAPTIVE))
-def test_zero_gradients_stay_zero(name):
-  tx = ADAPTIVE[name]()
-  zeros = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2))}
-  update = jax.jit(tx.update)
-  state = tx.init(zeros)
-  for _ in range(5):  # through warm-up and beyond, with nothing but zeros
-    out, state = update(zeros, state)
-    for leaf in jax.tree.leaves(out):
-      np.testing.assert_array_equal(leaf, 0.0)
-    for leaf in jax.tree.leaves(state):
-      assert not np.any(np.isnan(np.asarray(leaf)))
-
-
 # dtypes, inject_hyperparams, chain, clip_stats ----------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(ADAPTIVE))
-def test_dtypes_kept(name):
-  tx = ADAPTIVE[name]()
+@pytest.mark.parametrize("entry", registry.STATEFUL, ids=str)
+def test_dtypes_kept(entry):
+  tx = entry.build()
   rng = np.random.default_rng(7)
   dtypes = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
   tol = {"f32": 1e-6, "bf16": 1e-2, "f16": 2e-3}
@@ -373,44 +359,11 @@ def test_dtypes_kept(name):
   for i, k in enumerate(sorted(dtypes)):  # jax.tree.leaves order: sorted keys
     assert out[k].dtype == dtypes[k]
     g = np.asarray(grads[k], np.float64)
-    if name == "adagc":  # each tensor by its own factor: min(1, 1.05·γ_i / ‖g_i‖)
-      factor = min(1.0, 1.05 * float(before.gamma[i]) / np.linalg.norm(g))
+    if entry.per_leaf:  # AdaGC: each tensor by its own factor, min(1, λ_rel·γ_i / ‖g_i‖)
+      factor = min(1.0, entry.kwargs["lambda_rel"] * float(before.gamma[i]) / np.linalg.norm(g))
     else:
       factor = float(state.stats.scale)
     np.testing.assert_allclose(np.asarray(out[k], np.float64), g * factor, rtol=tol[k])
-
-
-INJECTED = {
-    "autoclip": (clipjax.autoclip, {"percentile": 30.0, "history": 6}),
-    "zclip": (clipjax.zclip, {"alpha": 0.8, "z_thresh": 1.5, "warmup_steps": 4}),
-    "adagc": (clipjax.adagc, {"lambda_abs": 2.0, "beta": 0.9, "warmup_steps": 4}),
-    "quantile_clip": (clipjax.quantile_clip, {"target_quantile": 0.7, "learning_rate": 0.3}),
-    "adaptive_grad_clip": (clipjax.adaptive_grad_clip, {"clipping": 0.05}),
-}
-
-
-@pytest.mark.parametrize("name", sorted(INJECTED))
-def test_inject_hyperparams_under_jit(name):
-  factory, kwargs = INJECTED[name]
-  plain = factory(**kwargs)
-  injected = optax.inject_hyperparams(factory)(**kwargs)
-  params = {"a": jnp.ones((3,)), "b": jnp.full((2, 2), 2.0)}
-  rng = np.random.default_rng(8)
-  p_state, i_state = plain.init(params), injected.init(params)
-  p_update, i_update = jax.jit(plain.update), jax.jit(injected.update)
-  n_clipped = 0
-  for step in range(12):
-    scale = 20.0 if step in (6, 9) else 1.0
-    grads = jax.tree.map(
-        lambda p, s=scale: jnp.asarray(rng.normal(size=p.shape) * s, jnp.float32), params)
-    p_out, p_state = p_update(grads, p_state, params)
-    i_out, i_state = i_update(grads, i_state, params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_out, i_out)
-    n_clipped += int(p_state.stats.clipped)
-  assert n_clipped > 0
-  stats = clipjax.clip_stats(i_state)
-  assert set(stats) == {f"{name}/{f}" for f in ("norm", "threshold", "scale", "clipped", "finite")}
-  np.testing.assert_allclose(stats[f"{name}/threshold"], p_state.stats.threshold, rtol=1e-6)
 
 
 def test_traced_history_at_init_asks_for_a_static_argument():
@@ -438,16 +391,13 @@ def test_in_chain_with_optimizer_and_clip_stats():
 # AGC ------------------------------------------------------------------------------------
 
 
-def _agc_tree(seed=9, scale=1.0):
-  rng = np.random.default_rng(seed)
-  shapes = {"bias": (7,), "dense": (6, 5), "heads": (4, 3, 5), "conv": (3, 3, 4, 6),
-            "row": (1, 6), "scalar": ()}
-  return {k: jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for k, s in shapes.items()}
+AGC_SHAPES = {"bias": (7,), "dense": (6, 5), "heads": (4, 3, 5), "conv": (3, 3, 4, 6),
+              "row": (1, 6), "scalar": ()}
 
 
 def test_agc_matches_optax():
-  params = _agc_tree(9)
-  grads = _agc_tree(10, scale=0.3)
+  params = random_tree(9, AGC_SHAPES)
+  grads = random_tree(10, AGC_SHAPES, scale=0.3)
   grads["dense"] = grads["dense"].at[:, 2].set(0.0)  # a zero unit
   params["bias"] = jnp.zeros((7,))  # zero-initialised: eps takes over
 
@@ -459,17 +409,10 @@ def test_agc_matches_optax():
 
   for clipping in (0.01, 0.2, 1.0):
     ours, state, ref = both(jnp.float32(clipping), jnp.float32(1e-3))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), ours, ref)
-    ratios = []
-    for k in grads:
-      g, w = np.asarray(grads[k], np.float64), np.asarray(params[k], np.float64)
-      axes = {0: (), 1: (0,), 2: (0,), 3: (0,), 4: (0, 1, 2)}[g.ndim]
-      if g.ndim <= 1 or k == "row":
-        axes = tuple(range(g.ndim))
-      gn = np.sqrt(np.sum(g**2, axis=axes))
-      wn = np.maximum(np.sqrt(np.sum(w**2, axis=axes)), 1e-3)
-      ratios.append((gn / wn).ravel())
-    ratios = np.concatenate(ratios)
+    assert_tree_close(ours, ref, rtol=1e-6)
+    ratios = np.concatenate([
+        (np_unit_norms(grads[k]) / np.maximum(np_unit_norms(params[k]), 1e-3)).ravel()
+        for k in grads])
     np.testing.assert_allclose(state.stats.norm, ratios.max(), rtol=1e-6)
     assert bool(state.stats.clipped) == bool(np.any(ratios > clipping))
     assert float(state.stats.threshold) == np.float32(clipping)
@@ -477,7 +420,7 @@ def test_agc_matches_optax():
 
 def test_agc_without_params_raises():
   tx = clipjax.adaptive_grad_clip(0.01)
-  grads = _agc_tree()
+  grads = random_tree(9, AGC_SHAPES)
   with pytest.raises(ValueError, match="needs the current parameters"):
     tx.update(grads, tx.init(grads))
 
@@ -505,9 +448,7 @@ def test_agc_dtypes_zero_and_nan_units():
 
 def test_axis_name_gives_the_unsharded_result():
   mesh = Mesh(np.array(jax.devices()), ("d",))
-  rng = np.random.default_rng(11)
-  grads = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
-           "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  grads = random_tree(11, {"w": (8, 4), "b": (3,)})
 
   def run(grads, txs):
     outs = []
@@ -521,14 +462,14 @@ def test_axis_name_gives_the_unsharded_result():
       outs.append((out["w"][-1], out["b"][-1], state.stats.norm, state.stats.threshold))
     return outs
 
-  plain = [ADAPTIVE[name]() for name in sorted(ADAPTIVE)]
+  plain = [make_distributed(entry) for entry in registry.STATEFUL]
   expected = jax.jit(functools.partial(run, txs=plain))(grads)
-  sharded = [ADAPTIVE[name](axis_name="d", replicated={"w": False, "b": True})
-             for name in sorted(ADAPTIVE)]
+  sharded = [make_distributed(entry, axis_name="d", replicated={"w": False, "b": True})
+             for entry in registry.STATEFUL]
   spec = (P("d"), P(), P(), P())
   mapped = jax.jit(jax.shard_map(
       functools.partial(run, txs=sharded), mesh=mesh,
-      in_specs=({"w": P("d"), "b": P()},), out_specs=[spec] * len(ADAPTIVE), check_vma=False))
+      in_specs=({"w": P("d"), "b": P()},), out_specs=[spec] * len(sharded), check_vma=False))
   got = mapped(grads)
   for want, have in zip(expected, got):
     for a, b in zip(want, have):
@@ -540,8 +481,8 @@ def test_agc_sharded_along_unit_axes_matches_optax():
   rng = np.random.default_rng(12)
   shapes = {"kernel": (16, 6), "conv": (3, 3, 8, 4), "bias": (5,)}
   specs = {"kernel": P("d"), "conv": P(None, None, "d"), "bias": P()}  # sharded in reduced axes
-  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
-  grads = {k: jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for k, s in shapes.items()}
+  params = random_tree(rng, shapes)
+  grads = random_tree(rng, shapes, scale=0.1)
   tx = clipjax.adaptive_grad_clip(0.05, axis_name="d", replicated={"kernel": False,
                                                                     "conv": False, "bias": True})
 
@@ -561,7 +502,7 @@ def test_agc_sharded_along_unit_axes_matches_optax():
     return ref, plain.update(g, None, p)[1].stats.norm
 
   ref, ref_norm = unsharded(grads, params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), out, ref)
+  assert_tree_close(out, ref, rtol=1e-6)
   np.testing.assert_allclose(norm, ref_norm, rtol=1e-6)
   assert float(norm) > 0.05  # some units are clipped
 

@@ -20,12 +20,14 @@ from flax.training import train_state
 
 import clipjax
 import registry
+from _trees import assert_tree_close
+from _trees import assert_tree_equal
+from _trees import random_tree
 
 RTOL = 1e-6  # float32
 ATOL = 1e-7  # float32 results of order 0.1-10; a last-bit difference near zero
+assert_close = functools.partial(assert_tree_close, rtol=RTOL, atol=ATOL)
 ENTRIES = registry.ENTRIES
-BY_ID = {entry.id: entry for entry in ENTRIES}
-IDS = list(BY_ID)
 
 # The tiny model every case uses: a Flax Dense layer, 3 inputs, 2 outputs.
 MODEL = nn.Dense(2)
@@ -35,13 +37,8 @@ PARAMS = MODEL.init(jax.random.key(0), _X)
 _SCALES = [3.0, 5.0, 4.0, 40.0]
 
 
-def _grads(seed: int, scale: float):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), jnp.float32),
-                      PARAMS)
-
-
-GRADS = [_grads(i + 1, s) for i, s in enumerate(_SCALES)]
+GRADS = [random_tree(i + 1, jax.tree.map(np.shape, PARAMS), scale=s)
+         for i, s in enumerate(_SCALES)]
 OPTIMIZERS = {
     "sgd_momentum": optax.sgd(0.1, momentum=0.9),
     "adam": optax.adam(0.01),
@@ -55,14 +52,14 @@ OPTIMIZERS = {
 
 
 @functools.cache
-def _tx(entry_id: str) -> optax.GradientTransformation:
-  return BY_ID[entry_id].build()
+def _tx(entry: registry.Entry) -> optax.GradientTransformation:
+  return entry.build()
 
 
 @functools.cache
-def _update(entry_id: str):
+def _update(entry: registry.Entry):
   """The transform's own jitted update: the reference most cases compare with."""
-  return jax.jit(_tx(entry_id).update)
+  return jax.jit(_tx(entry).update)
 
 
 @functools.cache
@@ -74,24 +71,6 @@ def _run(update, state, grads, params=PARAMS):
   for g in grads:
     _, state = update(g, state, params)
   return state
-
-
-def _assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    a, e = np.asarray(a), np.asarray(e)
-    assert a.dtype == e.dtype and a.shape == e.shape
-    if np.issubdtype(a.dtype, np.inexact):
-      np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
-    else:
-      np.testing.assert_array_equal(a, e)
-
-
-def _assert_trees_equal(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    assert np.asarray(a).dtype == np.asarray(e).dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
 def _finite(tree) -> bool:
@@ -115,9 +94,9 @@ def test_registry_covers_every_exported_transform():
   assert {e.name for e in ENTRIES} <= exported
 
 
-@pytest.mark.parametrize("entry_id", [e.id for e in ENTRIES if e.needs_params])
-def test_transforms_that_need_params_say_so(entry_id):
-  tx = _tx(entry_id)
+@pytest.mark.parametrize("entry", registry.select(lambda e: e.needs_params), ids=str)
+def test_transforms_that_need_params_say_so(entry):
+  tx = _tx(entry)
   with pytest.raises(ValueError, match="params"):
     tx.update(GRADS[0], tx.init(PARAMS))
 
@@ -126,7 +105,7 @@ def test_transforms_that_need_params_say_so(entry_id):
 
 
 @functools.cache
-def _chain_steps(entry_id: str):
+def _chain_steps(entry: registry.Entry):
   """Four jitted steps of ``chain(clipper, optimizer)`` for every optimizer at once.
 
   One program per transform for the five optimizers (five separate ones cost
@@ -135,7 +114,7 @@ def _chain_steps(entry_id: str):
   to an int32 count, so this runs under standard promotion; the clipper's own
   code is held to strict promotion by the other cases.
   """
-  chains = {name: optax.chain(_tx(entry_id), opt) for name, opt in OPTIMIZERS.items()}
+  chains = {name: optax.chain(_tx(entry), opt) for name, opt in OPTIMIZERS.items()}
 
   @jax.jit
   def step(g, states):
@@ -150,15 +129,15 @@ def _chain_steps(entry_id: str):
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("entry_id", IDS)
-def test_chain_with_optimizer_equals_clipper_then_optimizer(entry_id, optimizer):
-  state, updates, new_state = _chain_steps(entry_id)[optimizer]
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_chain_with_optimizer_equals_clipper_then_optimizer(entry, optimizer):
+  state, updates, new_state = _chain_steps(entry)[optimizer]
   assert _finite(updates)
-  clipped, clip_state = _update(entry_id)(GRADS[3], state[0], PARAMS)
+  clipped, clip_state = _update(entry)(GRADS[3], state[0], PARAMS)
   with jax.numpy_dtype_promotion("standard"):  # optax's Adam, as above
     expected, opt_state = _optimizer_update(optimizer)(clipped, state[1], PARAMS)
-  _assert_trees_close(updates, expected)
-  _assert_trees_close(new_state, (clip_state, opt_state))
+  assert_close(updates, expected)
+  assert_close(new_state, (clip_state, opt_state))
   # The spike was clipped: the chain did not bypass the clipper.
   assert _clipped(new_state)
 
@@ -166,9 +145,8 @@ def test_chain_with_optimizer_equals_clipper_then_optimizer(entry_id, optimizer)
 # optax.inject_hyperparams -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry_id", IDS)
-def test_inject_hyperparams_changes_take_effect_under_jit(entry_id):
-  entry = BY_ID[entry_id]
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_inject_hyperparams_changes_take_effect_under_jit(entry):
   name, value = entry.hyper
   tx = optax.inject_hyperparams(entry.make, static_args=entry.static_args)(**entry.kwargs)
   step = jax.jit(tx.update)
@@ -180,23 +158,51 @@ def test_inject_hyperparams_changes_take_effect_under_jit(entry_id):
   # Reference: the transform built with the new value, from the same inner state.
   direct = entry.build(**{name: value})
   expected, expected_inner = jax.jit(direct.update)(GRADS[3], state.inner_state, PARAMS)
-  _assert_trees_close(updates, expected)
-  _assert_trees_close(new_state.inner_state, expected_inner)
+  assert_tree_close(updates, expected, rtol=RTOL)
+  assert_tree_close(new_state.inner_state, expected_inner, rtol=RTOL)
   # The change mattered: the unchanged transform gives another result.
-  unchanged = _update(entry_id)(GRADS[3], state.inner_state, PARAMS)
+  unchanged = _update(entry)(GRADS[3], state.inner_state, PARAMS)
   assert not all(np.allclose(a, b) for a, b in zip(
       jax.tree.leaves(unchanged), jax.tree.leaves((updates, new_state.inner_state)), strict=True))
-  if entry.bound is not None:  # a threshold: the updates now sit exactly on it
-    np.testing.assert_allclose(entry.bound(updates, PARAMS), value, rtol=RTOL)
+  if entry.bound is not None:  # a threshold: the updates now sit exactly on it, as reported
+    np.testing.assert_allclose(entry.measure(updates, PARAMS), value, rtol=RTOL)
+    thresholds = [v for k, v in clipjax.clip_stats(new_state).items() if k.endswith("/threshold")]
+    assert thresholds and all(float(t) == np.float32(value) for t in thresholds)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_inject_hyperparams_with_unchanged_values_equals_the_plain_transform(entry):
+  plain = entry.build()
+  injected = optax.inject_hyperparams(entry.make)(**entry.kwargs)
+  params = {"a": jnp.ones((3,)), "b": jnp.full((2, 2), 2.0)}
+  rng = np.random.default_rng(8)
+  p_state, i_state = plain.init(params), injected.init(params)
+  p_update, i_update = jax.jit(plain.update), jax.jit(injected.update)
+  n_clipped = 0
+  for step in range(12):
+    grads = random_tree(rng, {"a": (3,), "b": (2, 2)}, scale=20.0 if step in (6, 9) else 1.0)
+    p_out, p_state = p_update(grads, p_state, params)
+    i_out, i_state = i_update(grads, i_state, params)
+    assert_tree_close(i_out, p_out, rtol=1e-6)
+    n_clipped += _clipped(p_state)
+  assert n_clipped > 0
+  stats, expected = clipjax.clip_stats(i_state), clipjax.clip_stats(p_state)
+  # Named after the transform (a wrapper: after the clipper it puts in front).
+  names = {entry.name} if entry.inner is None else {k.split("/")[0] for k in expected}
+  clipper_fields = {f"{n}/{f}" for n in names - {"skip_spikes"}
+                    for f in ("norm", "threshold", "scale", "clipped", "finite")}
+  skip_fields = {f"skip_spikes/{f}" for f in ("norm", "loss", "threshold", "skipped", "skips")}
+  assert set(stats) == clipper_fields | (skip_fields if entry.skips else set())
+  assert_tree_close(stats, expected, rtol=1e-6)
 
 
 # optax.MultiSteps -----------------------------------------------------------------------
 
 
 @pytest.mark.loose_promotion  # optax.MultiSteps adds an int32 step count to float32 sums
-@pytest.mark.parametrize("entry_id", IDS)
-def test_multi_steps_clips_the_mean_gradient_every_fourth_step(entry_id):
-  tx = optax.MultiSteps(_tx(entry_id), every_k_schedule=4)
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_multi_steps_clips_the_mean_gradient_every_fourth_step(entry):
+  tx = optax.MultiSteps(_tx(entry), every_k_schedule=4)
   step = jax.jit(tx.update)
   state = tx.init(PARAMS)
   for g in GRADS[:3]:
@@ -206,19 +212,19 @@ def test_multi_steps_clips_the_mean_gradient_every_fourth_step(entry_id):
   assert int(state.gradient_step) == 1
   mean = jax.tree.map(lambda *g: jnp.asarray(np.mean(np.stack(g).astype(np.float64), 0),
                                              jnp.float32), *GRADS)
-  expected, inner = _update(entry_id)(mean, _tx(entry_id).init(PARAMS), PARAMS)
+  expected, inner = _update(entry)(mean, _tx(entry).init(PARAMS), PARAMS)
   # MultiSteps averages in float32 as it goes: a few ulps from the float64 mean.
-  _assert_trees_close(updates, expected, rtol=1e-5, atol=1e-6)
-  _assert_trees_close(state.inner_opt_state, inner, rtol=1e-5, atol=1e-6)
+  assert_close(updates, expected, rtol=1e-5, atol=1e-6)
+  assert_close(state.inner_opt_state, inner, rtol=1e-5, atol=1e-6)
 
 
 # optax.masked ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry_id", IDS)
-def test_masked_leaves_pass_unchanged(entry_id):
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_masked_leaves_pass_unchanged(entry):
   mask = {"params": {"bias": False, "kernel": True}}
-  tx = optax.masked(_tx(entry_id), mask)
+  tx = optax.masked(_tx(entry), mask)
   step = jax.jit(tx.update)
   state = _run(step, tx.init(PARAMS), GRADS[:3])
   g = GRADS[3]
@@ -228,7 +234,7 @@ def test_masked_leaves_pass_unchanged(entry_id):
   # The kernel is clipped as if it were the whole tree, from the same inner state.
   sub = {"params": {"kernel": g["params"]["kernel"]}}
   sub_params = {"params": {"kernel": PARAMS["params"]["kernel"]}}
-  expected, _ = jax.jit(_tx(entry_id).update)(sub, state.inner_state, sub_params)
+  expected, _ = jax.jit(_tx(entry).update)(sub, state.inner_state, sub_params)
   np.testing.assert_allclose(np.asarray(updates["params"]["kernel"]),
                              np.asarray(expected["params"]["kernel"]), rtol=RTOL, atol=ATOL)
   assert not np.allclose(np.asarray(updates["params"]["kernel"]),
@@ -238,9 +244,9 @@ def test_masked_leaves_pass_unchanged(entry_id):
 # optax.apply_if_finite ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry_id", IDS)
-def test_apply_if_finite_skips_a_nan_step_without_advancing_the_clipper(entry_id):
-  tx = optax.apply_if_finite(_tx(entry_id), max_consecutive_errors=3)
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_apply_if_finite_skips_a_nan_step_without_advancing_the_clipper(entry):
+  tx = optax.apply_if_finite(_tx(entry), max_consecutive_errors=3)
   step = jax.jit(tx.update)
   _, state = step(GRADS[0], tx.init(PARAMS), PARAMS)
   before = state.inner_state
@@ -248,12 +254,12 @@ def test_apply_if_finite_skips_a_nan_step_without_advancing_the_clipper(entry_id
   updates, state = step(bad, state, PARAMS)
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(updates))
   assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
-  _assert_trees_equal(state.inner_state, before)
+  assert_tree_equal(state.inner_state, before)
   # The next finite step continues from the state before the NaN step.
   updates, state = step(GRADS[2], state, PARAMS)
-  expected, inner = _update(entry_id)(GRADS[2], before, PARAMS)
-  _assert_trees_close(updates, expected)
-  _assert_trees_close(state.inner_state, inner)
+  expected, inner = _update(entry)(GRADS[2], before, PARAMS)
+  assert_close(updates, expected)
+  assert_close(state.inner_state, inner)
 
 
 # Flax TrainState -------------------------------------------------------------------------
@@ -271,26 +277,26 @@ def _train_step(state):
 
 
 @pytest.mark.loose_promotion  # flax.linen.Dense promotes its inputs implicitly
-@pytest.mark.parametrize("entry_id", IDS)
-def test_flax_train_state_step(entry_id):
-  tx = optax.chain(_tx(entry_id), optax.sgd(0.1))
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_flax_train_state_step(entry):
+  tx = optax.chain(_tx(entry), optax.sgd(0.1))
   state = train_state.TrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
   new = _train_step(state)
   assert int(new.step) == 1
   grads = jax.jit(jax.grad(_loss), static_argnums=1)(PARAMS, MODEL.apply)
-  clipped, clip_state = _update(entry_id)(grads, state.opt_state[0], PARAMS)
+  clipped, clip_state = _update(entry)(grads, state.opt_state[0], PARAMS)
   expected = jax.tree.map(lambda p, u: p - 0.1 * u, PARAMS, clipped)
-  _assert_trees_close(new.params, expected)
-  _assert_trees_close(new.opt_state[0], clip_state)
+  assert_close(new.params, expected)
+  assert_close(new.opt_state[0], clip_state)
 
 
 # Checkpoints: flatten / unflatten, a round trip through NumPy ---------------------------
 
 
-@pytest.mark.parametrize("entry_id", IDS)
-def test_state_survives_flatten_and_numpy_round_trip(entry_id):
-  step = _update(entry_id)
-  state = _run(step, _tx(entry_id).init(PARAMS), GRADS[:2])
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_state_survives_flatten_and_numpy_round_trip(entry):
+  step = _update(entry)
+  state = _run(step, _tx(entry).init(PARAMS), GRADS[:2])
   leaves, treedef = jax.tree.flatten(state)
   rebuilt = jax.tree.unflatten(treedef, leaves)
   as_numpy = jax.tree.map(np.asarray, state)
@@ -298,27 +304,27 @@ def test_state_survives_flatten_and_numpy_round_trip(entry_id):
   restored = jax.tree.map(jnp.asarray, as_numpy)
   assert jax.tree.structure(restored) == treedef
   expected = step(GRADS[2], state, PARAMS)
-  _assert_trees_equal(step(GRADS[2], rebuilt, PARAMS), expected)
-  _assert_trees_equal(step(GRADS[2], restored, PARAMS), expected)
+  assert_tree_equal(step(GRADS[2], rebuilt, PARAMS), expected)
+  assert_tree_equal(step(GRADS[2], restored, PARAMS), expected)
 
 
 # jit with donated buffers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry_id", IDS)
-def test_jit_with_donated_state_and_updates(entry_id):
-  tx = _tx(entry_id)
-  state = _run(_update(entry_id), tx.init(PARAMS), GRADS[:2])
-  expected = _update(entry_id)(GRADS[2], state, PARAMS)
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_jit_with_donated_state_and_updates(entry):
+  tx = _tx(entry)
+  state = _run(_update(entry), tx.init(PARAMS), GRADS[:2])
+  expected = _update(entry)(GRADS[2], state, PARAMS)
   copy = functools.partial(jax.tree.map, jnp.copy)
   grads, donated_state = copy(GRADS[2]), copy(state)
   donating = jax.jit(tx.update, donate_argnums=(0, 1))
   result = donating(grads, donated_state, PARAMS)
-  _assert_trees_equal(result, expected)
+  assert_tree_equal(result, expected)
   assert all(x.is_deleted() for x in jax.tree.leaves(grads))
   # The donated input is consumed; the next step runs from the returned state.
-  _assert_trees_equal(donating(copy(GRADS[3]), result[1], PARAMS),
-                      _update(entry_id)(GRADS[3], expected[1], PARAMS))
+  assert_tree_equal(donating(copy(GRADS[3]), result[1], PARAMS),
+                    _update(entry)(GRADS[3], expected[1], PARAMS))
 
 
 # clipped(): Keras' clipnorm, clipvalue and global_clipnorm ----------------------------------
@@ -335,8 +341,7 @@ def _keras_np(option, c, grads):
   return [x * c / max(total, c) for x in g]
 
 
-@pytest.mark.parametrize("option, name", [("clipnorm", "clip_by_norm"), ("clipvalue", "clip"),
-                                          ("global_clipnorm", "clip_by_global_norm")])
+@pytest.mark.parametrize("option, name", list(registry.CLIPPED_OPTIONS.items()))
 def test_clipped_follows_keras(option, name):
   grads = [jnp.array([3.0, -4.0, 12.0]), jnp.array([[0.5, -0.25], [0.1, 0.2]])]
   params = [jnp.zeros(3), jnp.zeros((2, 2))]
@@ -368,7 +373,7 @@ def test_clipped_rejects_more_than_one_option(options):
     clipjax.clipped(optax.sgd(0.1), **options)
 
 
-@pytest.mark.parametrize("option", ["clipnorm", "clipvalue", "global_clipnorm"])
+@pytest.mark.parametrize("option", list(registry.CLIPPED_OPTIONS))
 def test_clipped_names_the_option_in_errors(option):
   with pytest.raises(ValueError, match=f"^{option}=-1.0 must be >= 0$"):
     clipjax.clipped(optax.sgd(0.1), **{option: -1.0})

@@ -17,26 +17,26 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import clipjax
-from _dist_cases import ORDS
 from _dist_cases import all_cases
 from _dist_cases import all_reduce_branches
-from _dist_cases import assert_tree_close
+from _dist_cases import assert_close
 from _dist_cases import bundle
 from _dist_cases import compiled_texts
 from _dist_cases import count_all_gather
 from _dist_cases import count_all_reduce
 from _dist_cases import count_lowered_all_reduce
-from _dist_cases import fixed_cases
+from _dist_cases import graded_tree
 from _dist_cases import groups
 from _dist_cases import make
-from _dist_cases import np_global_norm
-from _dist_cases import np_leaf_norms
 from _dist_cases import place
-from _dist_cases import random_tree
 from _dist_cases import run_unsharded
 from _dist_cases import side_by_side
 from _dist_cases import step_trees
 from _dist_cases import threshold_for
+from _trees import ORDS
+from _trees import np_leaf_norms
+from _trees import np_norm
+from _trees import np_unit_norms
 
 PMAP_WARNING = "ignore:.*pmap.*:DeprecationWarning"
 GROUPS = groups()
@@ -76,7 +76,7 @@ def _steps(seed, factor=1.0):
 def _thresholds(group):
   """Thresholds far from every norm of the first step of ``SEED``, used by every run."""
   first = _steps(SEED)[0]
-  return [threshold_for(name, first, o) for name, o in GROUPS[group]]
+  return [threshold_for(entry, first, o) for entry, o in GROUPS[group]]
 
 
 @functools.cache
@@ -97,15 +97,14 @@ def _check(group, seed, actual, what, factor=1.0):
   steps = _steps(seed, factor)
   expected = _expected(group, seed, factor)
   assert len(actual) == len(steps)
-  for k, (name, o) in enumerate(GROUPS[group]):
-    case = f"{what} {name} ord={o}"
+  for k, (entry, o) in enumerate(GROUPS[group]):
+    case = f"{what} {entry} ord={o}"
     for i, ((u, s), (ue, se), grads) in enumerate(zip(actual, expected, steps)):
-      assert_tree_close(u[k], ue[k], what=f"{case} step {i} updates")
-      assert_tree_close(s[k], se[k], what=f"{case} step {i} state")
-      if name == "clip_by_global_norm":
-        np.testing.assert_allclose(s[k].stats.norm, np_global_norm(grads, o), rtol=1e-5)
-      elif name == "clip_by_norm":
-        np.testing.assert_allclose(s[k].stats.norm, np_leaf_norms(grads, o).max(), rtol=1e-5)
+      assert_close(u[k], ue[k], what=f"{case} step {i} updates")
+      assert_close(s[k], se[k], what=f"{case} step {i} state")
+      if entry.ords:  # a norm clipper reports the (largest) norm of that ord
+        norm = np_leaf_norms(grads, o).max() if entry.per_leaf else np_norm(grads, o)
+        np.testing.assert_allclose(s[k].stats.norm, norm, rtol=1e-5)
     # Each case must clip at least once, or it proves nothing.
     assert any(bool(s[k].stats.clipped) for _, s in expected), f"{case}: never clipped"
 
@@ -130,7 +129,7 @@ def _run_shard_map(tx, steps, specs, mesh, n_out):
 
 @pytest.mark.parametrize("ord", ORDS)
 def test_norms_under_shard_map_match_numpy(mesh_1d, ord):
-  tree = random_tree(0, SHAPES)
+  tree = graded_tree(0, SHAPES)
   tree["bias"] = tree["bias"] * np.float32(50.0)  # a large replicated leaf, so miscounting shows
 
   def norms(t):
@@ -141,7 +140,7 @@ def test_norms_under_shard_map_match_numpy(mesh_1d, ord):
   f = jax.jit(jax.shard_map(norms, mesh=mesh_1d, in_specs=(SPECS_1D,), out_specs=(P(), P())))
   leaf, total = f(place(tree, SPECS_1D, mesh_1d))
   np.testing.assert_allclose(leaf, np_leaf_norms(tree, ord), rtol=1e-5)
-  np.testing.assert_allclose(total, np_global_norm(tree, ord), rtol=1e-5)
+  np.testing.assert_allclose(total, np_norm(tree, ord), rtol=1e-5)
 
 
 def test_replicated_leaf_counted_once_and_unmarked_counted_per_device(mesh_1d):
@@ -214,11 +213,11 @@ def test_shard_map_2d_one_axis_clips_each_row(mesh_2d, group):
 @pytest.mark.parametrize("ord", ORDS)
 def test_floors_and_tiny_norms_under_shard_map(mesh_1d, ord):
   """min_norm floors, and norms whose squares underflow float32, across devices."""
-  base = random_tree(80, SHAPES)
+  base = graded_tree(80, SHAPES)
   # "proj" is so small that its squares underflow float32 on every device.
   base["proj"] = base["proj"] * np.float32(1e-25)
   steps = [jax.tree.map(lambda x, s=s: x * np.float32(s), base) for s in (1.0, 0.3, 6.0)]
-  norm0, leaf0 = np_global_norm(base, ord), np.sort(np_leaf_norms(base, ord))
+  norm0, leaf0 = np_norm(base, ord), np.sort(np_leaf_norms(base, ord))
 
   def txs(**dist):
     return [clipjax.clip_by_global_norm(2.0 * norm0, min_norm=0.8 * norm0, ord=ord, **dist),
@@ -228,9 +227,9 @@ def test_floors_and_tiny_norms_under_shard_map(mesh_1d, ord):
                           SPECS_1D, mesh_1d, 2)
   expected = run_unsharded(side_by_side(txs()), steps)
   for i, ((u, s), (ue, se), grads) in enumerate(zip(actual, expected, steps)):
-    assert_tree_close(u, ue, what=f"step {i} updates")
-    assert_tree_close(s, se, what=f"step {i} state")
-    np.testing.assert_allclose(s[0].stats.norm, np_global_norm(grads, ord), rtol=1e-5)
+    assert_close(u, ue, what=f"step {i} updates")
+    assert_close(s, se, what=f"step {i} state")
+    np.testing.assert_allclose(s[0].stats.norm, np_norm(grads, ord), rtol=1e-5)
   # The global clip floored (step 1) and clipped (step 2); the tiny leaf was floored.
   assert [bool(s[0].stats.clipped) for _, s in expected] == [False, True, True]
   assert float(expected[1][1][0].stats.scale) > 1.0 > float(expected[2][1][0].stats.scale)
@@ -276,23 +275,22 @@ def test_pmap_matches_unsharded(group):
 
 # HLO: one all-reduce per update ----------------------------------------------------
 
-# Every clipper at 3 and at 64 leaves (ord 2), and the fixed ones at ord 1 and inf too
-# (psum and pmax paths).
-HLO_CASES = ([(name, o, n) for name, o in all_cases() if o == 2 or name == "clip"
-              for n in (3, 64)]
-             + [(name, o, 3) for name, o in fixed_cases() if o != 2])
+# Every clipper at 3 leaves, and at 64 leaves at ord 2 (or without ord): the norm
+# clippers at ord 1 and inf take the psum and pmax paths too.
+HLO_CASES = [(entry, o, n) for entry, o in all_cases() for n in (3, 64)
+             if n == 3 or o in (None, 2)]
 
 
-@pytest.mark.parametrize(("name", "ord", "n_leaves"), HLO_CASES)
-def test_one_all_reduce_per_update(mesh_1d, name, ord, n_leaves):
+@pytest.mark.parametrize(("entry", "ord", "n_leaves"), HLO_CASES, ids=str)
+def test_one_all_reduce_per_update(mesh_1d, entry, ord, n_leaves):
   shapes = {f"w{i:02d}": (8 * (1 + i % 2),) for i in range(n_leaves)}
   specs = {k: P("d") for k in shapes}
   replicated = {k: False for k in shapes}
   # One replicated leaf, so the index-0 masking is in the program too.
   last = max(shapes)
   specs[last], replicated[last] = P(), True
-  grads = random_tree(n_leaves, shapes)
-  tx = make(name, ord, 1.0, axis_name="d", replicated=replicated)
+  grads = graded_tree(n_leaves, shapes)
+  tx = make(entry, ord, 1.0, axis_name="d", replicated=replicated)
   f = jax.shard_map(tx.update, mesh=mesh_1d, in_specs=(specs, P()), out_specs=(specs, P()))
   args = (place(grads, specs, mesh_1d),
           jax.device_put(tx.init(grads), NamedSharding(mesh_1d, P())))
@@ -339,43 +337,25 @@ def test_sharded_jit_keeps_shardings_and_never_all_gathers(mesh_2d, group):
   _check(group, SEED, actual, "sharded jit")
 
 
-def test_sharded_jit_value_and_block_rms_clips(mesh_2d):
-  """Element-wise and block-RMS clipping also stay sharded under GSPMD, without axis_name."""
-  steps = _steps(SEED)
-  tx = side_by_side([clipjax.clip(1.0), clipjax.clip_by_block_rms(0.5)])
-  expected = run_unsharded(tx, steps)
-  update = jax.jit(tx.update).lower(place(steps[0], SPECS_2D, mesh_2d), tx.init(None)).compile()
-  assert count_all_gather(update.as_text()) == 0, update.as_text()
-  state = tx.init(None)
-  for i, grads in enumerate(steps):
-    placed = place(grads, SPECS_2D, mesh_2d)
-    updates, state = update(placed, state)
-    for u in updates:
-      for out, x in zip(jax.tree.leaves(u), jax.tree.leaves(placed)):
-        assert out.sharding.is_equivalent_to(x.sharding, x.ndim), (out.sharding, x.sharding)
-    assert_tree_close(jax.device_get((updates, state)), expected[i], what=f"step {i}")
-    assert all(bool(s.stats.clipped) for s in state)
-
-
 # inject_hyperparams injects ``ord`` as a traced value --------------------------------
 
 
 def test_inject_hyperparams_under_shard_map(mesh_1d):
   steps = _steps(SEED)
-  threshold = 0.5 * np_global_norm(steps[0], 2)
+  threshold = 0.5 * np_norm(steps[0], 2)
   inner = optax.inject_hyperparams(clipjax.clip_by_global_norm)(
       max_norm=threshold, axis_name="d", replicated=REPLICATED)
   out = _run_shard_map(side_by_side([inner]), steps, SPECS_1D, mesh_1d, 1)
   expected = run_unsharded(clipjax.clip_by_global_norm(threshold), steps)
   for (u, s), (ue, se) in zip(out, expected):
-    assert_tree_close(u[0], ue)
-    assert_tree_close(s[0].inner_state.stats, se.stats)
+    assert_close(u[0], ue)
+    assert_close(s[0].inner_state.stats, se.stats)
 
 
 @pytest.mark.parametrize("ord", ORDS)
 def test_inject_hyperparams_ord_runs_one_all_reduce(mesh_1d, ord):
   """A traced ``ord`` picks psum or pmax at run time: two branches, one all-reduce runs."""
-  grads = random_tree(3, {"w": (16,), "b": (3,)})
+  grads = graded_tree(3, {"w": (16,), "b": (3,)})
   specs = {"w": P("d"), "b": P()}
   tx = optax.inject_hyperparams(clipjax.clip_by_global_norm)(
       max_norm=1.0, ord=ord, axis_name="d", replicated={"w": False, "b": True})
@@ -387,7 +367,7 @@ def test_inject_hyperparams_ord_runs_one_all_reduce(mesh_1d, ord):
   assert count_all_reduce(compiled) == 2
   assert [len(b) for b in all_reduce_branches(compiled)] == [2], compiled
   _, state = jax.jit(f)(*args)
-  np.testing.assert_allclose(state.inner_state.stats.norm, np_global_norm(grads, ord), rtol=1e-5)
+  np.testing.assert_allclose(state.inner_state.stats.norm, np_norm(grads, ord), rtol=1e-5)
 
 
 # Adaptive gradient clipping (per unit, needs params) ---------------------------------
@@ -405,18 +385,12 @@ def _agc_specs(axis):
   return {k: (P() if AGC_REPLICATED[k] else P(axis)) for k in AGC_SHAPES}
 
 
-def _np_unit_norms(x):
-  x = np.asarray(x, np.float64)
-  axes = (0,) if x.ndim in (2, 3) else tuple(range(x.ndim))
-  return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
-
-
 def _np_agc(grads, params, clipping):
   """AGC in float64 NumPy: (updates, largest unit ratio)."""
   out, largest = {}, 0.0
   for k, g in grads.items():
-    g_norm = _np_unit_norms(g)
-    w_norm = np.maximum(_np_unit_norms(params[k]), AGC_EPS)
+    g_norm = np_unit_norms(g)
+    w_norm = np.maximum(np_unit_norms(params[k]), AGC_EPS)
     ratio = g_norm / w_norm
     scale = np.where(ratio > clipping, clipping * w_norm / np.where(g_norm > 0, g_norm, 1), 1.0)
     out[k] = np.asarray(g, np.float64) * scale
@@ -427,10 +401,10 @@ def _np_agc(grads, params, clipping):
 @functools.cache
 def _agc_case():
   """(gradient steps, params, clipping) with some units clipped and some not."""
-  params = random_tree(90, AGC_SHAPES)
+  params = graded_tree(90, AGC_SHAPES)
   steps = step_trees(91, AGC_SHAPES)
   ratios = np.sort(np.concatenate([
-      (_np_unit_norms(steps[0][k]) / np.maximum(_np_unit_norms(params[k]), AGC_EPS)).ravel()
+      (np_unit_norms(steps[0][k]) / np.maximum(np_unit_norms(params[k]), AGC_EPS)).ravel()
       for k in AGC_SHAPES]))
   mid = len(ratios) // 2
   return steps, params, float(np.sqrt(ratios[mid - 1] * ratios[mid]))
@@ -441,8 +415,8 @@ def _check_agc(actual, what):
   expected = _agc_expected()
   clipped = []
   for i, ((u, s), (ue, se), grads) in enumerate(zip(actual, expected, steps)):
-    assert_tree_close(u, ue, what=f"{what} step {i} updates")
-    assert_tree_close(s, se, what=f"{what} step {i} state")
+    assert_close(u, ue, what=f"{what} step {i} updates")
+    assert_close(s, se, what=f"{what} step {i} state")
     ref, largest = _np_agc(grads, params, clipping)
     for k in AGC_SHAPES:
       np.testing.assert_allclose(u[k], ref[k], rtol=1e-5, atol=1e-6 * np.abs(ref[k]).max(),
@@ -507,7 +481,7 @@ def test_adaptive_grad_clip_one_all_reduce(mesh_1d, n_leaves):
   shapes = {f"w{i:02d}": (8 * (1 + i % 2), 3) for i in range(n_leaves)}
   replicated = {k: k == max(shapes) for k in shapes}
   specs = {k: P() if replicated[k] else P("d") for k in shapes}
-  grads, params = random_tree(n_leaves, shapes), random_tree(n_leaves + 1, shapes)
+  grads, params = graded_tree(n_leaves, shapes), graded_tree(n_leaves + 1, shapes)
   tx = clipjax.adaptive_grad_clip(0.1, axis_name="d", replicated=replicated)
   f = jax.shard_map(tx.update, mesh=mesh_1d, in_specs=(specs, P(), specs),
                     out_specs=(specs, P()))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import _dist_worker
-from _dist_cases import assert_tree_close
+from _dist_cases import assert_close
 from _dist_cases import bundle
 from _dist_cases import run_unsharded
 
@@ -86,13 +86,13 @@ def test_two_processes_clip_like_one(tmp_path):
     assert int(r["shard_map/all_gather"]) == 0 and int(r["jit/all_gather"]) == 0
     for kind in ("shard_map", "jit"):
       for step, (updates, states) in enumerate(expected):
-        for k, (name, o) in enumerate(cases):
-          what = f"process {i} {kind} step {step} {name} ord={o}"
+        for k, (entry, o) in enumerate(cases):
+          what = f"process {i} {kind} step {step} {entry} ord={o}"
           prefix = f"{kind}/{step}/{k}"
           paths = jax.tree_util.tree_flatten_with_path(updates[k])[0]
           got = [r[f"{prefix}/updates{jax.tree_util.keystr(p)}"] for p, _ in paths]
-          assert_tree_close(got, [x for _, x in paths], what=f"{what} updates")
+          assert_close(got, [x for _, x in paths], what=f"{what} updates")
           paths = jax.tree_util.tree_flatten_with_path(states[k])[0]
           got = [r[f"{prefix}/state{jax.tree_util.keystr(p)}"] for p, _ in paths]
-          assert_tree_close(got, [np.asarray(x) for _, x in paths], what=f"{what} state")
+          assert_close(got, [np.asarray(x) for _, x in paths], what=f"{what} state")
   assert any(bool(s[0].stats.clipped) for _, s in expected)

@@ -7,40 +7,23 @@ import optax
 import pytest
 
 import clipjax
-from clipjax import _agc, _norms
+from _trees import ORDS
+from _trees import np_leaf_norms
+from _trees import np_norm
+from _trees import np_unit_norms
+from _trees import random_tree
+# The only package internals the tests use: where they move, only these lines change.
+from clipjax._norms import check_ord
+from clipjax._norms import replicated_mask
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-ORDS = [1, 2, np.inf]
-
-
-def random_tree(seed, dtype=jnp.float32, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(7, 5)) * scale, dtype),
-                "bias": jnp.asarray(rng.normal(size=(5,)) * scale, dtype)},
-      "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4)) * scale, dtype),
-      "scalar": jnp.asarray(rng.normal() * scale, dtype),
-  }
-
-
-def np_norm(tree, ord):
-  """float64 reference over the values the arrays actually hold."""
-  flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
-  largest = np.max(np.abs(flat), initial=0.0)
-  if ord == np.inf or largest == 0.0 or not np.isfinite(largest):
-    return largest
-  # Scaled by the largest magnitude so that the float64 reference cannot overflow.
-  return largest * np.sum((np.abs(flat) / largest) ** ord) ** (1.0 / ord)
-
-
-def np_leaf_norms(tree, ord):
-  return np.array([np_norm([x], ord) for x in jax.tree.leaves(tree)])
+SHAPES = {"dense": {"kernel": (7, 5), "bias": (5,)}, "conv": (3, 3, 2, 4), "scalar": ()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ord", ORDS)
 def test_global_norm_matches_float64_reference(dtype, ord):
-  tree = random_tree(0, dtype, scale=3.0)
+  tree = random_tree(0, SHAPES, dtype, scale=3.0)
   got = clipjax.global_norm(tree, ord=ord)
   assert got.dtype == jnp.float32
   # float32 accumulation of values held exactly: relative error ~1e-6 whatever the input dtype.
@@ -51,7 +34,7 @@ def test_global_norm_matches_float64_reference(dtype, ord):
 
 @pytest.mark.parametrize("ord", ORDS)
 def test_leaf_norms_match_reference(ord):
-  tree = random_tree(1)
+  tree = random_tree(1, SHAPES)
   np.testing.assert_allclose(np.asarray(clipjax.leaf_norms(tree, ord=ord)),
                              np_leaf_norms(tree, ord), rtol=2e-6)
 
@@ -113,8 +96,8 @@ def test_float64_under_x64_accumulates_in_float64():
 
 
 def test_string_inf_and_invalid_ord():
-  assert _norms.check_ord("inf") == np.inf
-  assert _norms.check_ord(2.0) == 2
+  assert check_ord("inf") == np.inf
+  assert check_ord(2.0) == 2
   for bad in [3, 0, -1, "two", None]:
     with pytest.raises(ValueError, match="ord="):
       clipjax.global_norm({"a": jnp.ones(2)}, ord=bad)
@@ -122,19 +105,18 @@ def test_string_inf_and_invalid_ord():
 
 def test_replicated_must_be_a_prefix_of_bools():
   tree = {"a": jnp.ones(2), "b": {"c": jnp.ones(2), "d": jnp.ones(2)}}
-  assert _norms.replicated_mask(tree, {"a": True, "b": False}) == [True, False, False]
-  assert _norms.replicated_mask(tree, True) == [True, True, True]
+  assert replicated_mask(tree, {"a": True, "b": False}) == [True, False, False]
+  assert replicated_mask(tree, True) == [True, True, True]
   with pytest.raises(ValueError, match="replicated="):
-    _norms.replicated_mask(tree, {"a": True, "x": False})
+    replicated_mask(tree, {"a": True, "x": False})
   with pytest.raises(ValueError, match="replicated="):
-    _norms.replicated_mask(tree, {"a": 1, "b": False})
+    replicated_mask(tree, {"a": 1, "b": False})
 
 
 @pytest.mark.parametrize("shape,axis", [((5,), None), ((1, 5), None), ((4, 3), None),
                                          ((2, 4, 3), None), ((3, 3, 2, 4), None),
                                          ((2, 2, 2, 3, 4), None), ((4, 3), 1), ((3, 2, 6), (0, 2)),
-                                         # Up to 64 rows per unit are added row by row
-                                         # (odd counts, the bound, one past it).
+                                         # Short and odd leading axes, 64 and 65 rows.
                                          ((7, 9), None), ((5, 4, 6), None), ((64, 3), None),
                                          ((65, 3), None), ((2, 3, 5), (0, 1))])
 def test_unitwise_norm_matches_optax_and_numpy(shape, axis):
@@ -142,9 +124,7 @@ def test_unitwise_norm_matches_optax_and_numpy(shape, axis):
   got = clipjax.unitwise_norm(x, axis=axis)
   np.testing.assert_allclose(np.asarray(got), np.asarray(optax.transforms.unitwise_norm(x, axis=axis)),
                              rtol=1e-6)
-  axes = _agc.unit_axes(x, axis)
-  x64 = np.asarray(x, np.float64)
-  expected = np.broadcast_to(np.sqrt(np.sum(x64**2, axis=axes, keepdims=True)), shape)
+  expected = np.broadcast_to(np_unit_norms(x, axis), shape)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6)
 
 

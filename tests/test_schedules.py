@@ -7,6 +7,8 @@ import optax
 import pytest
 
 import clipjax
+import registry
+from _trees import np_norm
 
 STEPS = np.arange(10_001)  # t = 0 ... 10 000
 F32_RTOL = 1e-6
@@ -193,34 +195,19 @@ def _run(tx, grads, steps, params=None):
   return out
 
 
-def test_scheduled_global_norm_clips_to_4_3_2_1():
+def test_scheduled_global_norm_clips_to_4_3_2_1_and_stays_at_1():
   tx = clipjax.clip_by_global_norm(optax.linear_schedule(4.0, 1.0, 3))
   grads = {"w": jnp.array([30.0, 40.0]), "b": jnp.array([0.0])}  # norm 50
-  steps = _run(tx, grads, 4)
-  expected = [4.0, 3.0, 2.0, 1.0]
-  np.testing.assert_allclose([_global(u) for u, _ in steps], expected, rtol=F32_RTOL)
+  steps = _run(tx, grads, 5)
+  expected = [4.0, 3.0, 2.0, 1.0, 1.0]
+  np.testing.assert_allclose([np_norm(u) for u, _ in steps], expected, rtol=F32_RTOL)
   np.testing.assert_allclose([float(s.stats.threshold) for _, s in steps], expected,
                              rtol=F32_RTOL)
   # The direction is kept: each step is the gradient scaled by threshold / 50.
   for (u, _), c in zip(steps, expected):
     np.testing.assert_allclose(np.asarray(u["w"]), np.array([30.0, 40.0]) * c / 50.0,
                                rtol=F32_RTOL)
-
-
-def _largest_abs(u):
-  return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u))
-
-
-def _largest_leaf_norm(u):
-  return max(float(np.linalg.norm(np.asarray(x, np.float64))) for x in jax.tree.leaves(u))
-
-
-def _largest_rms(u):
-  return max(float(np.sqrt(np.mean(np.asarray(x, np.float64) ** 2))) for x in jax.tree.leaves(u))
-
-
-def _global(u):
-  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(u))))
+  assert int(steps[-1][1].count) == 5
 
 
 _SCHEDULES = {
@@ -230,27 +217,30 @@ _SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("factory, measure, name, schedule", [
-    (clipjax.clip, _largest_abs, "clip", "inverse_sqrt"),
-    (clipjax.clip_by_norm, _largest_leaf_norm, "clip_by_norm", "polynomial"),
-    (clipjax.clip_by_global_norm, _global, "clip_by_global_norm", "inverse_time"),
-    (clipjax.clip_by_block_rms, _largest_rms, "clip_by_block_rms", "polynomial"),
-    (lambda c: clipjax.clipped(optax.identity(), clipnorm=c), _largest_leaf_norm, "clip_by_norm",
-     "inverse_time"),
-    (lambda c: clipjax.clipped(optax.identity(), clipvalue=c), _largest_abs, "clip",
-     "polynomial"),
-    (lambda c: clipjax.clipped(optax.identity(), global_clipnorm=c), _global,
-     "clip_by_global_norm", "inverse_sqrt"),
-])
-def test_fixed_clippers_follow_a_schedule_and_report_it(factory, measure, name, schedule):
-  schedule = _SCHEDULES[schedule]
+def _check_follows(tx, entry, schedule):
+  """Five steps of ``tx``: each clipped onto the schedule's value, which ``entry`` reports."""
   grads = {"w": jnp.array([[30.0, -40.0], [12.0, 5.0]]), "b": jnp.array([-20.0, 21.0])}
-  for t, (updates, state) in enumerate(_run(factory(schedule), grads, 5)):
+  for t, (updates, state) in enumerate(_run(tx, grads, 5)):
     expected = float(schedule(t))
-    np.testing.assert_allclose(measure(updates), expected, rtol=F32_RTOL)
+    np.testing.assert_allclose(entry.measure(updates), expected, rtol=F32_RTOL)
     stats = clipjax.clip_stats(state)
-    np.testing.assert_allclose(float(stats[f"{name}/threshold"]), expected, rtol=F32_RTOL)
-    assert bool(stats[f"{name}/clipped"])
+    np.testing.assert_allclose(float(stats[f"{entry.name}/threshold"]), expected, rtol=F32_RTOL)
+    assert bool(stats[f"{entry.name}/clipped"])
+
+
+@pytest.mark.parametrize("schedule", list(_SCHEDULES))
+@pytest.mark.parametrize("entry", registry.FIXED, ids=str)
+def test_fixed_clippers_follow_a_schedule_and_report_it(entry, schedule):
+  schedule = _SCHEDULES[schedule]
+  _check_follows(entry.build(**{entry.hyper[0]: schedule}), entry, schedule)
+
+
+@pytest.mark.parametrize("schedule", list(_SCHEDULES))
+@pytest.mark.parametrize("option", list(registry.CLIPPED_OPTIONS))
+def test_clipped_passes_a_schedule_to_its_clipper(option, schedule):
+  schedule = _SCHEDULES[schedule]
+  tx = clipjax.clipped(optax.identity(), **{option: schedule})
+  _check_follows(tx, registry.by_name(registry.CLIPPED_OPTIONS[option]), schedule)
 
 
 def test_zclip_max_norm_follows_a_schedule():
@@ -260,7 +250,7 @@ def test_zclip_max_norm_follows_a_schedule():
   tx = clipjax.zclip(warmup_steps=2, max_norm=schedule)
   grads = {"w": jnp.array([30.0, 40.0])}
   for t, (updates, state) in enumerate(_run(tx, grads, 5)):
-    np.testing.assert_allclose(_global(updates), float(schedule(t)), rtol=F32_RTOL)
+    np.testing.assert_allclose(np_norm(updates), float(schedule(t)), rtol=F32_RTOL)
     np.testing.assert_allclose(float(clipjax.clip_stats(state)["zclip/threshold"]),
                                float(schedule(t)), rtol=F32_RTOL)
 
