@@ -18,6 +18,7 @@ from ._clipping import ClipByBlockRmsState as ClipByBlockRmsState
 from ._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from ._clipping import ClipByNormState as ClipByNormState
 from ._clipping import ClipState as ClipState
+from ._clipping import LeafClipStats as LeafClipStats
 from ._clipping import clip as clip
 from ._clipping import clip_by_block_rms as clip_by_block_rms
 from ._clipping import clip_by_global_norm as clip_by_global_norm
@@ -53,6 +54,7 @@ __all__ = [
     "ClipByNormState",
     "ClipState",
     "ClipStats",
+    "LeafClipStats",
     "QuantileClipState",
     "SkipSpikesState",
     "SkipStats",

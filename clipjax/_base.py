@@ -311,18 +311,21 @@ Rule = Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, ClipStats]]
 
 
 def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
-                        low: Threshold | None = None) -> optax.GradientTransformation:
+                        low: Threshold | None = None,
+                        init_stats: Callable[[Any, ClipStats], Any] | None = None
+                        ) -> optax.GradientTransformation:
   """A clipper whose state is a step count and its last statistics.
 
   Each ``update`` resolves the thresholds at the step count (evaluating a
   schedule), applies ``rule`` and advances the count. ``state_cls`` is a
-  NamedTuple with the fields ``count`` and ``stats``.
+  NamedTuple with the fields ``count`` and ``stats``. ``init_stats(params,
+  stats)`` extends the initial statistics when the rule keeps more.
   """
 
   def init_fn(params):
-    del params
+    stats = initial_stats(initial_threshold(high))
     return state_cls(count=jnp.zeros((), jnp.int32),
-                     stats=initial_stats(initial_threshold(high)))
+                     stats=stats if init_stats is None else init_stats(params, stats))
 
   def update_fn(updates, state, params=None):
     if state is None:

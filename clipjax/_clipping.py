@@ -9,6 +9,7 @@ import optax
 
 from . import _base
 from . import _norms
+from . import _stats
 from ._base import ClipStats, Threshold
 
 # Every fixed-threshold clipper keeps the same state: a step count (read by
@@ -51,6 +52,26 @@ def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> Non
   _base.check_number(high_name, high)
   _base.check_number(low_name, low, allow_none=True)
   _base.check_order(low_name, low, high_name, high)
+
+
+class LeafClipStats(NamedTuple):
+  """:class:`ClipStats` of ``clip_by_norm(leaf_stats=True)``, with per-leaf figures."""
+
+  norm: jax.Array  # [] float32, the largest leaf norm
+  threshold: jax.Array  # [] float32
+  scale: jax.Array  # [] float32, the smallest factor
+  clipped: jax.Array  # [] bool, any leaf clipped
+  finite: jax.Array  # [] bool
+  clipped_fraction: jax.Array  # [] float32, the fraction of tensors clipped
+  leaf_norms: dict[str, jax.Array]  # path -> [] float32 ([layers] with a layer axis), pre-clip
+
+
+def _leaf_norms_by_path(tree: Any, norms: jax.Array, layout: _norms.Layout) -> dict[str, jax.Array]:
+  """Each leaf's norm (one per slice with a layer axis), keyed by its path."""
+  paths = [_stats.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return {path: (norms[start] if layer is None else norms[start:start + count]).astype(
+      jnp.float32) for path, start, count, layer in zip(paths, layout.starts, layout.counts,
+                                                         layout.layers)}
 
 
 def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
@@ -150,6 +171,7 @@ def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
 def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                  ord: int | float = 2, axis_name: _norms.AxisName = None,
                  replicated: Any = None, layer_axis: Any = None,
+                 leaf_stats: bool = False,
                  name: str | None = None) -> optax.GradientTransformation:
   """Clips each leaf (tensor) to norm at most ``max_norm``, independently.
 
@@ -176,6 +198,10 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
 
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"clip_by_norm"``), to tell apart two transforms of one kind.
+    leaf_stats: also keep each leaf's norm and the fraction of tensors clipped
+      (:class:`LeafClipStats`); :func:`clipjax.clip_stats` reports them by
+      path, as ``"clip_by_norm/leaf_norms/<path>"`` and
+      ``"clip_by_norm/clipped_fraction"``. ``init`` then needs the parameters.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipByNormState`.
@@ -197,11 +223,24 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
     norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
                            small=low is not None, layer_axis=layer_axis)
     scales, clipped, finite = _base.scale_rule(norms.leaves, high, low)
-    return _base.apply_scale(updates, scales, norms.layout), _per_leaf_stats(
-        norms.leaves, high, scales, clipped, finite)
+    stats = _per_leaf_stats(norms.leaves, high, scales, clipped, finite)
+    if leaf_stats:
+      stats = LeafClipStats(*stats, clipped_fraction=jnp.mean(clipped.astype(jnp.float32)),
+                            leaf_norms=_leaf_norms_by_path(updates, norms.leaves, norms.layout))
+    return _base.apply_scale(updates, scales, norms.layout), stats
+
+  def init_stats(params, stats):
+    if params is None:
+      raise ValueError("clip_by_norm(leaf_stats=True): init needs the parameters (a tree of"
+                       " the updates' structure) to name the leaves")
+    layout = _norms.layout(params, layer_axis)
+    zeros = jnp.zeros((sum(layout.counts),), jnp.float32)
+    return LeafClipStats(*stats, clipped_fraction=jnp.zeros((), jnp.float32),
+                         leaf_norms=_leaf_norms_by_path(params, zeros, layout))
 
   state_cls = _base.named_state(ClipByNormState, name)
-  return _base.threshold_transform(state_cls, rule, max_norm, min_norm)
+  return _base.threshold_transform(state_cls, rule, max_norm, min_norm,
+                                   init_stats if leaf_stats else None)
 
 
 def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,

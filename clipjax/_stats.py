@@ -176,7 +176,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   for path, node in found:
     if not _is_clip_state(node):
       prefix = path_name((*path, jax.tree_util.DictKey(_STATS_KEY)))
-      out.update({f"{prefix}/{field}": value for field, value in _stats_of(node).items()})
+      for field, value in _stats_of(node).items():
+        out.update(_named(f"{prefix}/{field}", value))
   if not found and _lost_its_classes(opt_state):
     warnings.warn(_NOT_FOUND, UserWarning, stacklevel=2)
   return out
@@ -192,15 +193,22 @@ def _by_class(states: list[Any]) -> dict[str, jax.Array]:
     prefix = kind if kinds[kind] == 1 else f"{kind}_{seen[kind]}"
     seen[kind] += 1
     for field, value in node.stats._asdict().items():
-      out[f"{prefix}/{field}"] = _unwrap(value)
+      out.update(_named(f"{prefix}/{field}", value))
   return out
+
+
+def _named(name: str, value: Any) -> dict[str, Any]:
+  """``{name: value}``, or for a mapping of statistics by path (``leaf_norms``) one entry each."""
+  if isinstance(value, Mapping):
+    return {f"{name}/{key}": _unwrap(item) for key, item in value.items()}
+  return {name: _unwrap(value)}
 
 
 def _stats_of(node: Mapping) -> dict[str, Any]:
   """A dict-shaped state's statistics: ClipStats' fields first, then any others."""
   stats = node[_STATS_KEY]
   fields = [*_FIELDS, *(key for key in stats if key not in _FIELDS)]
-  return {str(field): _unwrap(stats[field]) for field in fields}
+  return {str(field): stats[field] for field in fields}
 
 
 def _unwrap(value: Any) -> Any:
