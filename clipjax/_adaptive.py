@@ -83,7 +83,6 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"autoclip"``), to tell apart two transforms of one kind.
 
@@ -221,7 +220,6 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"zclip"``), to tell apart two transforms of one kind.
 
@@ -364,7 +362,6 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
       (a scanned model's stacked layers) holds one tensor, with its own γ,
       per slice along that axis. Give ``init`` the same tree structure.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"adagc"``), to tell apart two transforms of one kind.
 
@@ -473,7 +470,6 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"quantile_clip"``), to tell apart two transforms of one kind.
 

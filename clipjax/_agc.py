@@ -18,8 +18,8 @@ Axes = int | tuple[int, ...] | None
 
 
 @_base.stats_state("adaptive_grad_clip")
-class AdaptiveGradClipState(NamedTuple):
-  """State of :func:`adaptive_grad_clip`.
+class AdaptiveGradClipState(_base.CountState):
+  """State of :func:`adaptive_grad_clip`: ``count`` (int32 steps taken) and ``stats``.
 
   Its statistics describe the units (rows, filters, ...) of all leaves:
   ``norm`` is the largest ratio ``‖G‖ / max(‖W‖, eps)``, ``threshold`` the
@@ -28,8 +28,7 @@ class AdaptiveGradClipState(NamedTuple):
   whether every unit's gradient norm was finite.
   """
 
-  count: jax.Array  # [] int32, steps taken (read by a scheduled ``clipping``)
-  stats: ClipStats
+  __slots__ = ()
 
 
 # Per-unit norms -------------------------------------------------------------------
@@ -207,7 +206,6 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
       axes inferred from the rank of one slice (an ``(layers, in, out)``
       kernel has units over ``in`` per layer), exactly like the unscanned
       model.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"adaptive_grad_clip"``), to tell apart two transforms of one kind.
 

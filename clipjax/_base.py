@@ -78,6 +78,25 @@ class ClipStats(NamedTuple):
   finite: jax.Array  # [] bool, False when the measured norm was NaN or inf
 
 
+class CountState(NamedTuple):
+  """The state of a clipper without memory: a step count and the last statistics.
+
+  Each such clipper's state class subclasses it (``ClipState``,
+  ``ClipByNormState``, ...), so that ``clip_stats`` tells them apart.
+  """
+
+  count: jax.Array  # [] int32, steps taken (read by a scheduled threshold)
+  stats: ClipStats
+
+
+def count_state(name: str, class_name: str, module: str) -> type:
+  """A :class:`CountState` subclass named ``class_name``, registered as transform ``name``."""
+  cls = type(class_name, (CountState,), {
+      "__slots__": (), "__module__": module, "__qualname__": class_name,
+      "__doc__": f"State of :func:`clipjax.{name}`: a step count and the last statistics."})
+  return stats_state(name)(cls)
+
+
 def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
   """Statistics before the first step: nothing measured, nothing clipped."""
   return ClipStats(

@@ -12,40 +12,13 @@ from . import _norms
 from . import _stats
 from ._base import ClipStats, Threshold
 
-# Every fixed-threshold clipper keeps the same state: a step count (read by
-# scheduled thresholds) and the statistics of its last step.
 
 
-@_base.stats_state("clip")
-class ClipState(NamedTuple):
-  """State of :func:`clip`."""
-
-  count: jax.Array  # [] int32, steps taken
-  stats: ClipStats
-
-
-@_base.stats_state("clip_by_norm")
-class ClipByNormState(NamedTuple):
-  """State of :func:`clip_by_norm`."""
-
-  count: jax.Array  # [] int32, steps taken
-  stats: ClipStats
-
-
-@_base.stats_state("clip_by_global_norm")
-class ClipByGlobalNormState(NamedTuple):
-  """State of :func:`clip_by_global_norm`."""
-
-  count: jax.Array  # [] int32, steps taken
-  stats: ClipStats
-
-
-@_base.stats_state("clip_by_block_rms")
-class ClipByBlockRmsState(NamedTuple):
-  """State of :func:`clip_by_block_rms`."""
-
-  count: jax.Array  # [] int32, steps taken
-  stats: ClipStats
+# The states of the fixed-threshold clippers: a step count and the last statistics.
+ClipState = _base.count_state("clip", "ClipState", __name__)
+ClipByNormState = _base.count_state("clip_by_norm", "ClipByNormState", __name__)
+ClipByGlobalNormState = _base.count_state("clip_by_global_norm", "ClipByGlobalNormState", __name__)
+ClipByBlockRmsState = _base.count_state("clip_by_block_rms", "ClipByBlockRmsState", __name__)
 
 
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
@@ -106,7 +79,6 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
       clamp itself is element-wise; the axis makes the statistics and the
       non-finite check global (one ``pmax``), so every device passes a
       non-finite update through together.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"clip"``), to tell apart two transforms of one kind.
 
@@ -195,7 +167,6 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
       (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
       as one tensor per slice along that axis, so it is clipped exactly like
       the unscanned model. The axis must not be sharded over ``axis_name``.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"clip_by_norm"``), to tell apart two transforms of one kind.
     leaf_stats: also keep each leaf's norm and the fraction of tensors clipped
@@ -267,7 +238,6 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
       ``psum`` (``pmax`` for inf) per update.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"clip_by_global_norm"``), to tell apart two transforms of one kind.
 
@@ -330,7 +300,6 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
       (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
       as one block per slice along that axis, so it is clipped exactly like
       the unscanned model. The axis must not be sharded over ``axis_name``.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"clip_by_block_rms"``), to tell apart two transforms of one kind.
 

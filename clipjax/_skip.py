@@ -203,7 +203,6 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
       device decides alike.
     replicated: pytree prefix of bools marking leaves that are the same on
       every device of ``axis_name``; they are counted once.
-
     name: the prefix of its statistics in :func:`clipjax.clip_stats`
       (default ``"skip_spikes"``), to tell apart two transforms of one kind.
 
