@@ -1,7 +1,9 @@
 """Benchmarks: clipjax against optax and PyTorch, side by side in one process.
 
 Run with ``make bench`` (or ``python benchmarks/bench_clip.py``). Prints a table
-and writes ``benchmarks/RESULTS.md``.
+and rewrites the section between ``<!-- bench:start -->`` and
+``<!-- bench:end -->`` of ``benchmarks/RESULTS.md``; nothing else in the file
+changes.
 
 Method:
 
@@ -28,7 +30,6 @@ import argparse
 import concurrent.futures
 import datetime
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -46,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import _common  # noqa: E402
 import clipjax  # noqa: E402
 
 try:
@@ -57,53 +59,9 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 
 TOTAL = 25_000_000
 ADAPTIVE = ("adaptive_grad_clip", "autoclip", "zclip", "adagc", "quantile_clip")
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # Trees ------------------------------------------------------------------------
-
-
-def synthetic_tree(n_leaves: int, total: int, seed: int) -> dict[str, jax.Array]:
-  """``n_leaves`` float32 matrices holding ``total`` elements together."""
-  per = total // n_leaves
-  rows = max(1, int(round(np.sqrt(per / 2.5))))
-  while per % rows:
-    rows -= 1
-  keys = jax.random.split(jax.random.key(seed), n_leaves)
-  return {f"w{i:04d}": jax.random.normal(k, (rows, per // rows), jnp.float32)
-          for i, k in enumerate(keys)}
-
-
-def flax_transformer_params(scale: float) -> Any:
-  """Parameters of a small GPT-style transformer built and initialised with flax.linen."""
-  import flax.linen as nn
-
-  d, heads, layers, vocab, context = 320, 5, 16, 8192, 256
-  if scale < 1.0:
-    d, heads, layers, vocab = 64, 4, 4, 512
-
-  class Block(nn.Module):
-
-    @nn.compact
-    def __call__(self, x):
-      h = nn.LayerNorm()(x)
-      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h)
-      h = nn.LayerNorm()(x)
-      h = nn.gelu(nn.Dense(4 * d)(h))
-      return x + nn.Dense(d)(h)
-
-  class Transformer(nn.Module):
-
-    @nn.compact
-    def __call__(self, tokens):
-      x = nn.Embed(vocab, d)(tokens)
-      x = x + self.param("position", nn.initializers.normal(0.02), (context, d))[:tokens.shape[1]]
-      for _ in range(layers):
-        x = Block()(x)
-      return nn.Dense(vocab)(nn.LayerNorm()(x))
-
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  return jax.jit(Transformer().init)(jax.random.key(0), tokens)["params"]
 
 
 def like(tree: Any, seed: int, std: float = 1.0) -> Any:
@@ -116,10 +74,6 @@ def like(tree: Any, seed: int, std: float = 1.0) -> Any:
 
 def copy_tree(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-
-
-def tree_bytes(tree: Any) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 # Cases ------------------------------------------------------------------------
@@ -388,42 +342,14 @@ def compile_times(grads: Any, reps: int, log: Callable[[str], None]) -> dict[str
 # Report -------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def versions() -> str:
-  parts = [f"Python {platform.python_version()}", f"jax {jax.__version__}",
-           f"jaxlib {jax.lib.__version__}" if hasattr(jax.lib, "__version__") else "",
-           f"optax {optax.__version__}", f"clipjax {clipjax.__version__}"]
-  try:
-    import flax
-    parts.append(f"flax {flax.__version__}")
-  except ImportError:
-    pass
-  if torch is not None:
-    parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-  return ", ".join(p for p in parts if p)
+def software() -> str:
+  if torch is None:
+    return _common.versions("torch not installed")
+  return _common.versions(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def verdict(ok: bool) -> str:
   return "met" if ok else "**not met**"
-
-
-class Report:
-
-  def __init__(self):
-    self.lines: list[str] = []
-
-  def __call__(self, line: str = "") -> None:
-    self.lines.append(line)
 
 
 def main() -> None:
@@ -432,7 +358,8 @@ def main() -> None:
                       help="small trees and few rounds: checks that the script runs")
   parser.add_argument("--budget", type=float, default=35.0,
                       help="seconds of interleaved timing per tree (default 35)")
-  parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+  parser.add_argument("--out", default=_common.RESULTS,
+                      help="the Markdown file whose bench section is rewritten")
   args = parser.parse_args()
 
   t0 = time.perf_counter()
@@ -449,11 +376,12 @@ def main() -> None:
   min_rounds, max_rounds = (3, 5) if args.quick else (15, 101)
   load_before = os.getloadavg()
   started = datetime.datetime.now(datetime.timezone.utc)
-  log(f"clipjax benchmarks on {cpu_model()}, {os.cpu_count()} cores; {versions()}")
+  log(f"clipjax benchmarks on {_common.cpu_model()}, {os.cpu_count()} cores; {software()};"
+      f" clipjax from {_common.clipjax_source()}")
 
-  trees = [("10 leaves", lambda: synthetic_tree(10, total, 0)),
-           ("1000 leaves", lambda: synthetic_tree(1000, total, 1)),
-           ("Flax transformer", lambda: flax_transformer_params(scale))]
+  trees = [("10 leaves", lambda: _common.synthetic_tree(10, total, 0)),
+           ("1000 leaves", lambda: _common.synthetic_tree(1000, total, 1)),
+           ("Flax transformer", lambda: _common.transformer_params(scale))]
   results = []
   for label, make in trees:
     log(f"{label}: building the tree")
@@ -471,39 +399,32 @@ def main() -> None:
     if n_leaves == 1000:
       log(f"{label}: compile time, interleaved")
       compiles = compile_times(grads, 3 if args.quick else 4, log)
-    results.append(dict(label=label, n_leaves=n_leaves, grad_bytes=tree_bytes(grads),
+    results.append(dict(label=label, n_leaves=n_leaves, grad_bytes=_common.tree_bytes(grads),
                         cases={c.name: c for c in cases}, rounds=rounds, compiles=compiles))
     for case in cases:  # free the buffers before the next tree
       case.step = None
     del cases, params, grads
 
-  finished = datetime.datetime.now(datetime.timezone.utc)
-  load_after = os.getloadavg()
-  report = Report()
-  write_report(report, results, started=started, finished=finished,
-               load=(load_before, load_after), elapsed=time.perf_counter() - t0,
-               quick=args.quick)
-  text = "\n".join(report.lines) + "\n"
-  print(text)
-  with open(args.out, "w") as f:
-    f.write(text)
-  log(f"wrote {args.out}")
+  body = write_report(results, started=started, elapsed=time.perf_counter() - t0,
+                      load=(load_before, os.getloadavg()), quick=args.quick)
+  print(body)
+  _common.write_section(args.out, "bench", body)
+  log(f"wrote the bench section of {args.out}")
 
 
-def write_report(r: Report, results: list[dict], *, started, finished, load, elapsed,
-                 quick: bool) -> None:
-  r("# clipjax benchmarks")
-  r()
+def write_report(results: list[dict], *, started, elapsed: float, load: tuple,
+                 quick: bool) -> str:
+  lines: list[str] = []
+
+  def r(line: str = "") -> None:
+    lines.append(line)
+
   if quick:
     r("**Quick mode (`--quick`): tiny trees, a few rounds; these figures mean nothing.**")
     r()
-  r(f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} "
-    f"{platform.release()}, CPU only (`{jax.devices()[0].platform}` backend)")
-  r(f"- Software: {versions()}")
-  r(f"- Date: {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min")
-  r(f"- Load average (1, 5, 15 min): {load[0][0]:.2f}, {load[0][1]:.2f}, {load[0][2]:.2f} at the"
-    f" start, {load[1][0]:.2f}, {load[1][1]:.2f}, {load[1][2]:.2f} at the end")
-  r("- Command: `make bench` (runs `python benchmarks/bench_clip.py`)")
+  lines.extend(_common.machine_lines(
+      started=started, elapsed_s=elapsed, load=load, software=software(),
+      command="`make bench` (runs `python benchmarks/bench_clip.py`)"))
   r()
   r("Times are medians over interleaved rounds (every case once per round, warm-up excluded);"
     " ratios are medians of the per-round ratios. *In place* means the gradient and state"
@@ -514,7 +435,7 @@ def write_report(r: Report, results: list[dict], *, started, finished, load, ela
   r()
 
   # Goals
-  r("## Goals")
+  r("### Goals")
   r()
   r("| goal | tree | figure | verdict |")
   r("|---|---|---|---|")
@@ -557,7 +478,7 @@ def write_report(r: Report, results: list[dict], *, started, finished, load, ela
   # Times
   for res in results:
     c = res["cases"]
-    r(f"## {res['label']}")
+    r(f"### {res['label']}")
     r()
     r(f"{res['rounds']} interleaved rounds; gradients {res['grad_bytes'] / 1e6:.0f} MB.")
     r()
@@ -596,6 +517,7 @@ def write_report(r: Report, results: list[dict], *, started, finished, load, ela
   r("Notes: `clip_by_norm` (per tensor) has no optax counterpart. `clip_stats` cannot be switched"
     " off: *updates only* jits an update that returns only the updates, so XLA drops the"
     " statistics; the goal compares it with the full update (updates + state).")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
