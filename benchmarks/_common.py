@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the trees, the machine description, and writing a
-generated section of ``RESULTS.md`` between its markers.
+"""What the benchmark scripts share: the trees, the machine description, the verdicts, and
+writing a generated section of ``RESULTS.md`` between its markers.
 
 The scripts use clipjax, optax and flax by their public names only, so they
 measure whichever clipjax is imported (the path is printed in every report).
@@ -33,10 +33,12 @@ def synthetic_tree(n_leaves: int, total: int, seed: int) -> dict[str, jax.Array]
           for i, k in enumerate(keys)}
 
 
-def transformer(scale: float) -> tuple[Any, jax.Array]:
+def transformer(scale: float, *, scanned: bool = False) -> tuple[Any, jax.Array]:
   """A small GPT-style flax.linen transformer and the tokens that initialise it.
 
-  ``scale < 1`` gives a tiny model for quick runs.
+  ``scale < 1`` gives a tiny model for quick runs. With ``scanned`` the blocks
+  are one ``nn.scan`` over the layers: each block parameter becomes one leaf
+  stacked along a leading ``(layers, ...)`` axis (22 leaves instead of 262).
   """
   import flax.linen as nn
 
@@ -47,12 +49,13 @@ def transformer(scale: float) -> tuple[Any, jax.Array]:
   class Block(nn.Module):
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, _=None):
       h = nn.LayerNorm()(x)
       x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h)
       h = nn.LayerNorm()(x)
       h = nn.gelu(nn.Dense(4 * d)(h))
-      return x + nn.Dense(d)(h)
+      x = x + nn.Dense(d)(h)
+      return (x, None) if scanned else x
 
   class Transformer(nn.Module):
 
@@ -60,17 +63,27 @@ def transformer(scale: float) -> tuple[Any, jax.Array]:
     def __call__(self, tokens):
       x = nn.Embed(vocab, d)(tokens)
       x = x + self.param("position", nn.initializers.normal(0.02), (context, d))[:tokens.shape[1]]
-      for _ in range(layers):
-        x = Block()(x)
+      if scanned:
+        blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=layers)
+        x, _ = blocks(name="blocks")(x, None)
+      else:
+        for _ in range(layers):
+          x = Block()(x)
       return nn.Dense(vocab)(nn.LayerNorm()(x))
 
   return Transformer(), jnp.zeros((1, 8), jnp.int32)
 
 
-def transformer_params(scale: float) -> Any:
+def transformer_params(scale: float, *, scanned: bool = False) -> Any:
   """The initialised parameters of :func:`transformer`."""
-  model, tokens = transformer(scale)
+  model, tokens = transformer(scale, scanned=scanned)
   return jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+
+
+def stacked_layer_axis(params: Any) -> Any:
+  """The ``layer_axis`` prefix of a scanned :func:`transformer`: 0 on the stacked blocks."""
+  return {k: 0 if k == "blocks" else None for k in params}
 
 
 def tree_bytes(tree: Any) -> int:
@@ -127,6 +140,23 @@ def machine_lines(*, started, elapsed_s: float, load: tuple, command: str,
       f" {a1:.2f}, {a5:.2f}, {a15:.2f} at the end",
       f"- Command: {command}",
   ]
+
+
+# Verdicts ---------------------------------------------------------------------
+
+
+def verdict(low: float, high: float, bound: float) -> str:
+  """``met`` when the whole spread is within the bound, ``not met`` when all of it is above,
+  ``within the noise`` when the spread straddles it."""
+  if high <= bound:
+    return "met"
+  if low > bound:
+    return "**not met**"
+  return "within the noise"
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+  return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
 
 
 # RESULTS.md ---------------------------------------------------------------------
