@@ -81,6 +81,13 @@ def transformer_params(scale: float, *, scanned: bool = False) -> Any:
   return jax.jit(model.init)(jax.random.key(0), tokens)["params"]
 
 
+def transformer_shapes(scale: float, *, scanned: bool = False) -> Any:
+  """The parameter tree of :func:`transformer` as ``jax.ShapeDtypeStruct`` leaves (nothing
+  is allocated)."""
+  model, tokens = transformer(scale, scanned=scanned)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+
 def stacked_layer_axis(params: Any) -> Any:
   """The ``layer_axis`` prefix of a scanned :func:`transformer`: 0 on the stacked blocks."""
   return {k: 0 if k == "blocks" else None for k in params}
