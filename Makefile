@@ -1,6 +1,14 @@
 # make demo   – create .venv, install clipjax with the examples, run the main example
 # make test   – create .venv, install clipjax with the test extras, run the whole suite
 # make bench  – create .venv, install the benchmark extras (CPU torch), run the benchmarks
+#                (about 6 min on a quiet 2-core machine)
+# make bench-compile – create .venv, install flax and matplotlib, run the compile-time sweep
+#                (separate from make bench; 3 repetitions of 8–16 min each on a quiet 2-core
+#                machine, depending on how slowly the per-leaf transforms compile;
+#                BENCH_ARGS="--budget 15" stops before a repetition that would end past 15 min)
+# make bench-smoke   – both benchmark scripts with --quick, into a temporary copy of
+#                benchmarks/RESULTS.md: checks that they run; the figures mean nothing
+# BENCH_ARGS is passed to the scripts, e.g. make bench-compile BENCH_ARGS="--leaves 100,1000"
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,8 +16,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The PyTorch release whose CPU build is installed for the benchmarks.
 TORCH_VERSION ?= 2.13.0
+BENCH_ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-compile bench-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +44,16 @@ test: $(VENV)/.test
 	$(PY) -m pytest
 
 bench: $(VENV)/.bench
-	$(PY) benchmarks/bench_clip.py
+	$(PY) benchmarks/bench_clip.py $(BENCH_ARGS)
+
+bench-compile: $(VENV)/.examples
+	$(PY) benchmarks/compile_time.py $(BENCH_ARGS)
+
+bench-smoke: $(VENV)/.bench $(VENV)/.examples
+	tmp=$$(mktemp -d) && cp benchmarks/RESULTS.md $$tmp/ \
+	  && $(PY) benchmarks/bench_clip.py --quick --out $$tmp/RESULTS.md \
+	  && $(PY) benchmarks/compile_time.py --quick --out $$tmp/RESULTS.md \
+	  && echo "smoke run written to $$tmp/RESULTS.md"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
