@@ -279,33 +279,41 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   return jnp.broadcast_to(scale, norm.shape), clipped, finite
 
 
-def apply_scale(updates: Any, scales: jax.Array, layout: _norms.Layout | None = None) -> Any:
+def apply_scale(updates: Any, scales: Any, layout: _norms.Layout | None = None) -> Any:
   """Multiplies each leaf by its scale; the result keeps the leaf's dtype.
 
-  ``scales`` is a scalar (one factor for the whole tree) or a vector with one
-  factor per tensor in ``jax.tree.leaves`` order: per leaf, or, with a
-  ``layout`` that gives leaves a layer axis, per slice along it.
-  Half-precision leaves are multiplied in float32 and cast back, so a small
-  factor cannot underflow in float16 before it is applied.
+  ``scales`` is a scalar (one factor for the whole tree); or a sequence with
+  one entry per leaf in ``jax.tree.leaves`` order (a scalar, or with a
+  ``layout`` that gives the leaf a layer axis, a vector of one factor per
+  slice); or a vector of one factor per tensor. Half-precision leaves are
+  multiplied in float32 and cast back, so a small factor cannot underflow in
+  float16 before it is applied.
   """
   leaves, treedef = jax.tree.flatten(updates)
-  if jnp.ndim(scales) == 0:
-    return jax.tree.unflatten(treedef, [scale_leaf(jnp.asarray(g), scales) for g in leaves])
+  leaves = [jnp.asarray(g) for g in leaves]
+  if not isinstance(scales, (list, tuple)) and jnp.ndim(scales) == 0:
+    return jax.tree.unflatten(treedef, [scale_leaf(g, scales) for g in leaves])
+  if not isinstance(scales, (list, tuple)):
+    scales = _per_leaf_scales(scales, layout, len(leaves))
+  layers = layout.layers if layout is not None else (None,) * len(leaves)
+  out = []
+  for g, scale, layer in zip(leaves, scales, layers, strict=True):
+    if layer is not None:
+      shape = [1] * g.ndim
+      shape[layer] = g.shape[layer]
+      scale = jnp.reshape(scale, shape)
+    out.append(scale_leaf(g, scale))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _per_leaf_scales(scales: jax.Array, layout: _norms.Layout | None, n: int) -> list[jax.Array]:
+  """A ``[n_tensors]`` vector of factors cut into each leaf's part."""
   # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
   scales = _xla.materialized(jnp.asarray(scales))
   if layout is None:
-    out = [scale_leaf(jnp.asarray(g), scales[i]) for i, g in enumerate(leaves)]
-    return jax.tree.unflatten(treedef, out)
-  out = []
-  for g, start, count, layer in zip(leaves, layout.starts, layout.counts, layout.layers):
-    g = jnp.asarray(g)
-    if layer is None:
-      out.append(scale_leaf(g, scales[start]))
-      continue
-    shape = [1] * g.ndim
-    shape[layer] = count
-    out.append(scale_leaf(g, jnp.reshape(scales[start:start + count], shape)))
-  return jax.tree.unflatten(treedef, out)
+    return [scales[i] for i in range(n)]
+  return [scales[start] if layer is None else scales[start:start + count]
+          for start, count, layer in zip(layout.starts, layout.counts, layout.layers)]
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:

@@ -198,7 +198,9 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
     if leaf_stats:
       stats = LeafClipStats(*stats, clipped_fraction=jnp.mean(clipped.astype(jnp.float32)),
                             leaf_norms=_leaf_norms_by_path(updates, norms.leaves, norms.layout))
-    return _base.apply_scale(updates, scales, norms.layout), stats
+    # Each leaf's factor from its own norm: the rule fuses into that leaf's multiply.
+    factors = [_base.scale_rule(norm, high, low)[0] for norm in norms.per_leaf]
+    return _base.apply_scale(updates, factors, norms.layout), stats
 
   def init_stats(params, stats):
     if params is None:
@@ -324,7 +326,10 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
     sizes = np.maximum(norms.sizes, 1)
     rms = norms.leaves / jnp.sqrt(jnp.asarray(sizes, norms.leaves.dtype))
     scales, clipped, finite = _base.scale_rule(rms, high)
-    return _base.apply_scale(updates, scales, norms.layout), _per_leaf_stats(
+    starts = norms.layout.starts
+    factors = [_base.scale_rule(norm / jnp.sqrt(jnp.asarray(sizes[start], norm.dtype)), high)[0]
+               for norm, start in zip(norms.per_leaf, starts)]
+    return _base.apply_scale(updates, factors, norms.layout), _per_leaf_stats(
         rms, high, scales, clipped, finite)
 
   return _base.threshold_transform(_base.named_state(ClipByBlockRmsState, name), rule, threshold)

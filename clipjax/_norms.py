@@ -93,15 +93,6 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
   return jnp.max(x, axis=axes)
 
 
-def _stacked(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: Ord,
-             acc: jnp.dtype, factor: float = 1.0) -> jax.Array:
-  """The partials of every tensor, ``[n_tensors]``: a leaf's, or one per slice of it."""
-  parts = [_partial(leaf, ord, acc, factor, layer) for leaf, layer in zip(leaves, layers)]
-  if all(layer is None for layer in layers):
-    return jnp.stack(parts)
-  return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
-
-
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
   """Whether a squared element of some leaf can exceed the accumulation range."""
   acc_exp = jnp.finfo(acc).maxexp
@@ -109,20 +100,25 @@ def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
-def _local_partials(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: Ord,
-                    acc: jnp.dtype, small: bool) -> jax.Array:
-  """Per-tensor local partials, stacked as ``[3, n_tensors]`` (plain, shrunk, grown).
+# A leaf's unrooted partials: (plain, shrunk, grown), each a scalar, or a vector
+# with one entry per slice along the leaf's layer axis.
+Rows = tuple[jax.Array, jax.Array, jax.Array]
 
-  Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``. Rows 1 and 2 hold the
-  same sums over ``x * 2**-k`` and ``x * 2**k``. Row 1 is computed from the
-  data only when row 0 overflowed on this device, row 2 only (with ``small``)
-  when some partial is so small that its squares may have underflowed; that
-  is a rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
-  common case reads each leaf once.
+
+def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: Ord,
+                acc: jnp.dtype, small: bool) -> list[Rows]:
+  """Each leaf's local partials: plain ``sum|x|^ord`` (or ``max|x|``), and over ``x·2**∓k``.
+
+  The shrunk and grown partials are computed from the data only when some
+  plain partial overflowed on this device (shrunk), or, with ``small``, is so
+  small that its squares may have underflowed (grown): a rare, local
+  ``lax.cond``. Otherwise they are derived from the plain ones, so the common
+  case reads each leaf once. Every leaf keeps its own values (no shared
+  vector is sliced per leaf: that costs XLA a distinct kernel per leaf).
   """
-  plain = _xla.materialized(_stacked(leaves, layers, ord, acc))
+  plain = [_partial(leaf, ord, acc, 1.0, layer) for leaf, layer in zip(leaves, layers)]
   if ord == float("inf"):
-    return jnp.stack([plain, plain, plain])
+    return [(p, p, p) for p in plain]
   k = _rescale_exponent(acc)
   power = 2 if ord == 2 else 1
   # 2**(±k * power) is outside the accumulation range for power 2: apply 2**±k
@@ -134,24 +130,45 @@ def _local_partials(leaves: Sequence[jax.Array], layers: Sequence[int | None], o
       x = x * factor
     return x
 
+  def derived():
+    return tuple((times(p, shrink), times(p, grow)) for p in plain)
+
   if not (_can_overflow(leaves, acc) or small):
-    return jnp.stack([plain, times(plain, shrink), times(plain, grow)])
+    return [(p, *rest) for p, rest in zip(plain, derived())]
 
-  def derived(_):
-    return jnp.stack([times(plain, shrink), times(plain, grow)])
+  def recomputed():
+    shrunk = [_partial(leaf, ord, acc, 2.0**-k, layer) for leaf, layer in zip(leaves, layers)]
+    # Without ``small`` only overflow is rescued: the grown row is not read where plain is large.
+    grown = ([_partial(leaf, ord, acc, 2.0**k, layer) for leaf, layer in zip(leaves, layers)]
+             if small else [times(p, grow) for p in plain])
+    return tuple(zip(shrunk, grown))
 
-  def recomputed(_):
-    shrunk = _stacked(leaves, layers, ord, acc, 2.0**-k)
-    if not small:
-      # Only overflow is rescued: the grown row is not read where plain is large.
-      return jnp.stack([shrunk, times(plain, grow)])
-    return jnp.stack([shrunk, _stacked(leaves, layers, ord, acc, 2.0**k)])
-
-  fine = jnp.all(jnp.isfinite(plain))
+  flat = _flat(plain)
+  fine = jnp.all(jnp.isfinite(flat))
   if small:
-    fine = fine & jnp.all(plain >= jnp.asarray(_tiny_partial(acc, ord), acc))
-  rescued = lax.cond(fine, derived, recomputed, None)
-  return jnp.concatenate([plain[None], rescued])
+    fine = fine & jnp.all(flat >= jnp.asarray(_tiny_partial(acc, ord), acc))
+  rescued = lax.cond(fine, derived, recomputed)
+  return [(p, *rest) for p, rest in zip(plain, rescued)]
+
+
+def _flat(parts: Sequence[jax.Array]) -> jax.Array:
+  """Per-leaf values (scalars or vectors) as one ``[n_tensors]`` vector."""
+  if all(jnp.ndim(p) == 0 for p in parts):
+    return jnp.stack(parts)
+  return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
+
+
+def _reduced_rows(rows: list[Rows], layout: "Layout", axis_name: AxisName,
+                  maximum: bool | jax.Array, shared: Sequence[bool]) -> list[Rows]:
+  """The rows of every leaf, reduced over ``axis_name`` with ONE collective."""
+  stacked = jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
+  stacked = all_reduce(stacked, axis_name, maximum=maximum,
+                       shared=layout.per_tensor(np.asarray(shared, bool))[None, :])
+  out = []
+  for (p, _, _), start, count in zip(rows, layout.starts, layout.counts):
+    part = stacked[:, start:start + count]
+    out.append(tuple(part[i].reshape(jnp.shape(p)) for i in range(3)))
+  return out
 
 
 def _per_leaf(tree: Any, prefix: Any, name: str, kind: str,
@@ -242,37 +259,18 @@ def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Ar
                   values)
 
 
-class _Partials(NamedTuple):
-  """Per-leaf partial norms, reduced over devices; unrooted.
-
-  ``plain[i]`` is ``sum|x_i|^ord`` (or ``max|x_i|``) in the accumulation dtype;
-  ``shrunk[i]`` and ``grown[i]`` are the same over ``x_i * 2**∓exponent``, used
-  where ``plain`` overflowed or underflowed.
-  """
-
-  plain: jax.Array  # [n_leaves] float32 (float64 under x64)
-  shrunk: jax.Array  # [n_leaves] same dtype
-  grown: jax.Array  # [n_leaves] same dtype
-  ord: Ord
-  exponent: int
-  tiny: float
-
-  @classmethod
-  def of_rows(cls, rows: jax.Array, ord: Ord, acc: jnp.dtype) -> "_Partials":
-    return cls(rows[0], rows[1], rows[2], ord, _rescale_exponent(acc), _tiny_partial(acc, ord))
-
-
-def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: _Partials
-          ) -> jax.Array:
+def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, ord: Ord,
+          acc: jnp.dtype) -> jax.Array:
   """Turns unrooted partials into a norm, rescued where ``plain`` left the range."""
-  if partials.ord == float("inf"):
+  if ord == float("inf"):
     return plain
   dtype = plain.dtype
-  big = jnp.asarray(2.0**partials.exponent, dtype)
-  small = jnp.asarray(2.0**-partials.exponent, dtype)
+  exponent = _rescale_exponent(acc)
+  big = jnp.asarray(2.0**exponent, dtype)
+  small = jnp.asarray(2.0**-exponent, dtype)
   overflowed = ~jnp.isfinite(plain)
-  underflowed = plain < jnp.asarray(partials.tiny, dtype)
-  if partials.ord == 2:
+  underflowed = plain < jnp.asarray(_tiny_partial(acc, ord), dtype)
+  if ord == 2:
     return jnp.where(overflowed, jnp.sqrt(shrunk) * big,
                      jnp.where(underflowed, jnp.sqrt(grown) * small, jnp.sqrt(plain)))
   return jnp.where(overflowed, shrunk * big,
@@ -289,16 +287,21 @@ class Norms(NamedTuple):
   total: jax.Array  # [] same dtype, the norm of the whole tree
   sizes: np.ndarray  # [n_tensors] int, elements over all devices (replicated: once)
   layout: Layout
+  per_leaf: tuple[jax.Array, ...]  # per leaf: its norm, or one per slice with a layer axis
 
 
-def _norms_of(partials: _Partials, sizes: np.ndarray, layout: Layout) -> Norms:
-  leaves = _root(partials.plain, partials.shrunk, partials.grown, partials)
-  if partials.ord == float("inf"):
-    total = jnp.max(partials.plain, initial=0.0)
+def _norms_of(rows: list[Rows], ord: Ord, acc: jnp.dtype, sizes: np.ndarray,
+              layout: Layout) -> Norms:
+  per_leaf = tuple(_root(*r, ord, acc) for r in rows)
+  # Computed once: otherwise XLA fuses the whole tree's reduction into every
+  # leaf-sized kernel that reads the total (n reductions copied n times).
+  plain, shrunk, grown = _xla.materialized(jnp.stack([_flat([r[i] for r in rows])
+                                                      for i in range(3)]))
+  if ord == float("inf"):
+    total = jnp.max(plain, initial=0.0)
   else:
-    total = _root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
-                  partials)
-  return Norms(leaves, total, sizes, layout)
+    total = _root(jnp.sum(plain), jnp.sum(shrunk), jnp.sum(grown), ord, acc)
+  return Norms(_root(plain, shrunk, grown, ord, acc), total, sizes, layout, per_leaf)
 
 
 def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool], layout: Layout,
@@ -331,22 +334,25 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   sizes = _global_sizes(leaves, shared, tensors, axis_name)
   if not leaves:
     empty = jnp.zeros((0,), acc)
-    return Norms(empty, jnp.zeros((), acc), sizes, tensors)
+    return Norms(empty, jnp.zeros((), acc), sizes, tensors, ())
   ords = VALID_ORDS if isinstance(ord, jax.core.Tracer) else (ord,)
-  rows = [_local_partials(leaves, tensors.layers, o, acc, small) for o in ords]
+  options = [_local_rows(leaves, tensors.layers, o, acc, small) for o in ords]
   pick = jnp.asarray(ord).astype(jnp.float32)
-  chosen = rows[0]
-  for value, option in zip(ords[1:], rows[1:]):
-    chosen = jnp.where(pick == value, option, chosen)
+  rows = options[0]
+  for value, option in zip(ords[1:], options[1:]):
+    rows = [tuple(jnp.where(pick == value, a, b) for a, b in zip(new, old))
+            for new, old in zip(option, rows)]
   if axis_name is not None:
     maximum = ord == float("inf") if len(ords) == 1 else pick == float("inf")
-    chosen = all_reduce(chosen, axis_name, maximum=maximum,
-                        shared=tensors.per_tensor(np.asarray(shared, bool))[None, :])
-  options = [_norms_of(_Partials.of_rows(chosen, o, acc), sizes, tensors) for o in ords]
-  norms = options[0]
-  for value, option in zip(ords[1:], options[1:]):
-    norms = Norms(jnp.where(pick == value, option.leaves, norms.leaves),
-                  jnp.where(pick == value, option.total, norms.total), sizes, tensors)
+    rows = _reduced_rows(rows, tensors, axis_name, maximum, shared)
+  results = [_norms_of(rows, o, acc, sizes, tensors) for o in ords]
+  norms = results[0]
+  for value, option in zip(ords[1:], results[1:]):
+    def choose(a, b, v=value):
+      return jnp.where(pick == v, a, b)
+    norms = norms._replace(leaves=choose(option.leaves, norms.leaves),
+                           total=choose(option.total, norms.total),
+                           per_leaf=tuple(map(choose, option.per_leaf, norms.per_leaf)))
   return norms
 
 
