@@ -1,5 +1,7 @@
 """Keras-style clipping options for any optax optimizer, and PyTorch-style clipping functions."""
 
+from __future__ import annotations
+
 import functools
 from collections.abc import Callable
 from typing import Any
