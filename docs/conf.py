@@ -99,12 +99,19 @@ _FIELD = re.compile(r"^\s+(\w+): [^#]*#\s*(.*)$")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-  """The comment after each field of a NamedTuple's source, by field name."""
-  try:
-    source = inspect.getsource(cls)
-  except (OSError, TypeError):
-    return {}
-  return {m[1]: m[2] for line in source.splitlines() if (m := _FIELD.match(line))}
+  """The comment after each field in the source of a NamedTuple and its bases, by field name.
+
+  The fixed clippers' states are made by a helper and have no source of their
+  own; their fields and comments are those of the base they share.
+  """
+  comments: dict[str, str] = {}
+  for klass in reversed(cls.__mro__):
+    try:
+      source = inspect.getsource(klass)
+    except (OSError, TypeError):
+      continue
+    comments |= {m[1]: m[2] for line in source.splitlines() if (m := _FIELD.match(line))}
+  return comments
 
 
 def _field_docs(app, what, name, obj, options, lines):

@@ -46,6 +46,10 @@ def test_sphinx_build_has_no_warnings(tmp_path):
   clipping = (html / "api" / "clipping.html").read_text()
   signature = clipping[clipping.index('id="clipjax.clip_by_global_norm"'):][:4000]
   assert "Threshold" in signature and "Callable" not in signature
+  # Every state field is described by its source comment, not Python's placeholder.
+  for page in (html / "api").glob("*.html"):
+    assert "Alias for field number" not in page.read_text(), page.name
+  assert "steps taken" in clipping[clipping.index('id="clipjax.ClipByGlobalNormState"'):][:3000]
 
 
 def test_api_reference_documents_every_export():
