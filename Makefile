@@ -9,6 +9,7 @@
 # make bench-smoke   – both benchmark scripts with --quick, into a temporary copy of
 #                benchmarks/RESULTS.md: checks that they run; the figures mean nothing
 # BENCH_ARGS is passed to the scripts, e.g. make bench-compile BENCH_ARGS="--leaves 100,1000"
+# make docs   – create .venv, install the docs tools, build the site into docs/_build/html
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +19,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 BENCH_ARGS ?=
 
-.PHONY: demo test bench bench-compile bench-smoke clean
+.PHONY: demo test bench bench-compile bench-smoke docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,10 @@ $(VENV)/.test: pyproject.toml | $(PY)
 
 $(VENV)/.examples: pyproject.toml | $(PY)
 	$(PIP) install --quiet -e ".[examples]"
+	touch $@
+
+$(VENV)/.docs: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e ".[docs]"
 	touch $@
 
 $(VENV)/.bench: pyproject.toml | $(PY)
@@ -55,5 +60,9 @@ bench-smoke: $(VENV)/.bench $(VENV)/.examples
 	  && $(PY) benchmarks/compile_time.py --quick --out $$tmp/RESULTS.md \
 	  && echo "smoke run written to $$tmp/RESULTS.md"
 
+# Warnings are errors and every cross-reference must resolve (-n); no network is needed.
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis docs/_build

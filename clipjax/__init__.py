@@ -14,6 +14,7 @@ from ._agc import AdaptiveGradClipState as AdaptiveGradClipState
 from ._agc import adaptive_grad_clip as adaptive_grad_clip
 from ._agc import unitwise_norm as unitwise_norm
 from ._base import ClipStats as ClipStats
+from ._base import Threshold as Threshold
 from ._clipping import ClipByBlockRmsState as ClipByBlockRmsState
 from ._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from ._clipping import ClipByNormState as ClipByNormState
@@ -58,6 +59,7 @@ __all__ = [
     "QuantileClipState",
     "SkipSpikesState",
     "SkipStats",
+    "Threshold",
     "ZclipState",
     "adagc",
     "adaptive_grad_clip",

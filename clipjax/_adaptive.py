@@ -9,6 +9,8 @@ warm-up counters) exactly as it was: one bad step cannot poison the
 threshold of the steps after it.
 """
 
+from __future__ import annotations
+
 from typing import Any, NamedTuple
 
 import jax

@@ -1,5 +1,7 @@
 """Adaptive gradient clipping (AGC) and the per-unit norms it is built on."""
 
+from __future__ import annotations
+
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple

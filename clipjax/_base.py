@@ -5,6 +5,8 @@ A norm-based clipper measures (``_norms``), decides a scale here with
 only compute a threshold from their state before calling the same rule.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -16,6 +18,9 @@ import optax
 from . import _norms
 from . import _xla
 
+# What every threshold argument accepts: a Python number, a JAX scalar (traced
+# values included, for optax.inject_hyperparams) or an optax.Schedule of the step
+# count. Annotations are strings (PEP 563), so signatures read "Threshold".
 Threshold = float | int | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 
 _STATE_NAMES: dict[type, str] = {}

@@ -1,5 +1,7 @@
 """Clipping with fixed or scheduled thresholds: by value, per leaf, global, block RMS."""
 
+from __future__ import annotations
+
 from typing import Any, NamedTuple
 
 import jax

@@ -1,5 +1,7 @@
 """Per-example clipping for DP-SGD: clip each example's gradient, then sum."""
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax

@@ -8,6 +8,8 @@ step enters the formulas as ``(T - t) / T`` or ``(T + t) / T`` rather than
 rounded once and the result stays within a few float32 ulps of the exact value.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax

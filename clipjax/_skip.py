@@ -8,6 +8,8 @@ either runs the inner transformation or returns zeros and leaves every piece
 of state as it was.
 """
 
+from __future__ import annotations
+
 from typing import Any, NamedTuple
 
 import jax

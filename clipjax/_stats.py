@@ -1,5 +1,7 @@
 """Reading clip statistics out of any optax state, and gradient norms by path, for logging."""
 
+from __future__ import annotations
+
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence

@@ -1,5 +1,7 @@
 """Keras-style clipping options for any optax optimizer, and PyTorch-style clipping functions."""
 
+from __future__ import annotations
+
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -153,7 +155,7 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
 
 
 def clip_grad_value(grads: Any, clip_value: float | jax.Array) -> Any:
-  """Clamps every gradient element into ``[-clip_value, clip_value]``, as torch's clip_grad_value_.
+  """Clamps each gradient element to ``[-clip_value, clip_value]``, as torch's ``clip_grad_value_``.
 
   ``g ← clamp(g, -clip_value, clip_value)``: :func:`clipjax.clip` applied
   once, outside an optax chain. Pure and jit-compatible: the clamped tree is
