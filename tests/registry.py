@@ -202,7 +202,7 @@ def by_name(name: str) -> Entry:
 # Clippers of a fixed threshold that need neither params nor a wrapped transform.
 FIXED = select(lambda e: e.memoryless and not e.needs_params and e.inner is None)
 # Clippers whose threshold follows running statistics of the norms.
-STATEFUL = select(lambda e: not e.memoryless)
+STATEFUL = select(lambda e: not e.memoryless and e.inner is None)
 # clipped()'s Keras options, and the clipper each one puts in front of the optimizer.
 CLIPPED_OPTIONS = {"clipnorm": "clip_by_norm", "clipvalue": "clip",
                    "global_clipnorm": "clip_by_global_norm"}
