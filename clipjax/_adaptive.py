@@ -430,7 +430,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
                               count=_base.next_count(state.count), stats=stats)
 
   return _base.norm_transform(_base.named_state(AdagcState, name), init_fn, step, axis_name,
-                              replicated, layer_axis)
+                              replicated, layer_axis, per_leaf=True)
 
 
 # Quantile tracking ------------------------------------------------------------

@@ -385,13 +385,14 @@ _Step = Callable[[_norms.Norms, Any], tuple[Any, Any]]
 
 
 def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
-                   axis_name: _norms.AxisName, replicated: Any,
-                   layer_axis: Any = None) -> optax.GradientTransformation:
+                   axis_name: _norms.AxisName, replicated: Any, layer_axis: Any = None,
+                   per_leaf: bool = False) -> optax.GradientTransformation:
   """A clipper whose threshold comes from its state and the L2 norms of the update.
 
   ``step`` decides the scale and the next state. When the global norm is NaN
   or inf, every field of the state but ``stats`` is kept as it was. States
-  are returned as ``state_cls`` (the class :func:`named_state` gives).
+  are returned as ``state_cls`` (the class :func:`named_state` gives). A
+  ``step`` that reads per-tensor norms asks for them with ``per_leaf``.
   """
 
   def init(params):
@@ -400,7 +401,7 @@ def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
   def update_fn(updates, state, params=None):
     del params
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
-                           layer_axis=layer_axis)
+                           layer_axis=layer_axis, per_leaf=per_leaf)
     scale, new = step(norms, state)
     finite = jnp.isfinite(norms.total)
     kept = {field: keep(finite, getattr(new, field), getattr(state, field))

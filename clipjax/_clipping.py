@@ -102,9 +102,10 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
   def rule(updates, high, low, params):
     del params
     if low is None:
-      largest = _norms.measure(updates, float("inf"), axis_name=axis_name).total
+      largest = _norms.measure(updates, float("inf"), axis_name=axis_name,
+                               per_leaf=False).total
     else:
-      largest = _norms.measure(updates, float("inf")).total
+      largest = _norms.measure(updates, float("inf"), per_leaf=False).total
       smallest = _smallest_nonzero(updates, largest.dtype)
       if axis_name is not None:
         # One collective for both: the max of -smallest is -(the min).
@@ -270,7 +271,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   def rule(updates, high, low, params):
     del params
     norm = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
-                          small=low is not None).total
+                          small=low is not None, per_leaf=False).total
     scale, clipped, finite = _base.scale_rule(norm, high, low)
     return _base.apply_scale(updates, scale), _base.make_stats(
         norm, high, scale, clipped, finite)

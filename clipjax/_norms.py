@@ -100,6 +100,16 @@ def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
+def _times(partial: jax.Array, factor: jax.Array, ord: Ord) -> jax.Array:
+  """A partial of ``x`` turned into the partial of ``x·factor`` (exactly, while representable).
+
+  For ord 2 the factor applies twice: ``factor²`` is outside the accumulation range.
+  """
+  for _ in range(2 if ord == 2 else 1):
+    partial = partial * factor
+  return partial
+
+
 # A leaf's unrooted partials: (plain, shrunk, grown), each a scalar, or a vector
 # with one entry per slice along the leaf's layer axis.
 Rows = tuple[jax.Array, jax.Array, jax.Array]
@@ -120,15 +130,10 @@ def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: 
   if ord == float("inf"):
     return [(p, p, p) for p in plain]
   k = _rescale_exponent(acc)
-  power = 2 if ord == 2 else 1
-  # 2**(±k * power) is outside the accumulation range for power 2: apply 2**±k
-  # `power` times (each step exact, as long as the result is representable).
   shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
 
   def times(x, factor):
-    for _ in range(power):
-      x = x * factor
-    return x
+    return _times(x, factor, ord)
 
   def derived():
     return tuple((times(p, shrink), times(p, grow)) for p in plain)
@@ -149,6 +154,44 @@ def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: 
     fine = fine & jnp.all(flat >= jnp.asarray(_tiny_partial(acc, ord), acc))
   rescued = lax.cond(fine, derived, recomputed)
   return [(p, *rest) for p, rest in zip(plain, rescued)]
+
+
+def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
+                keep: Sequence[jax.Array | bool]) -> jax.Array:
+  """The local ``[3]`` sums (plain, shrunk, grown) over the leaves ``keep`` counts here.
+
+  For a norm of the whole tree only: the rescue ``lax.cond`` recomputes two
+  sums rather than a partial per leaf, which keeps the program small.
+  """
+  combine = jnp.max if ord == float("inf") else jnp.sum
+
+  def total(factor):
+    parts = [_partial(leaf, ord, acc, factor) for leaf in leaves]
+    return combine(jnp.stack([jnp.where(k, p, jnp.zeros((), acc)) for p, k in zip(parts, keep)]))
+
+  plain = total(1.0)
+  if ord == float("inf"):
+    return _xla.materialized(jnp.stack([plain, plain, plain]))
+  k = _rescale_exponent(acc)
+  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
+
+  def derived():
+    return jnp.stack([_times(plain, shrink, ord), _times(plain, grow, ord)])
+
+  def recomputed():
+    # Without ``small`` only overflow is rescued: the grown sum is not read where plain is large.
+    grown = total(2.0**k) if small else _times(plain, grow, ord)
+    return jnp.stack([total(2.0**-k), grown])
+
+  if not (_can_overflow(leaves, acc) or small):
+    rescued = derived()
+  else:
+    fine = jnp.isfinite(plain)
+    if small:
+      fine = fine & (plain >= jnp.asarray(_tiny_partial(acc, ord), acc))
+    rescued = lax.cond(fine, derived, recomputed)
+  # Computed once: otherwise XLA fuses the sums into every leaf-sized kernel that reads them.
+  return _xla.materialized(jnp.concatenate([plain[None], rescued]))
 
 
 def _flat(parts: Sequence[jax.Array]) -> jax.Array:
@@ -314,7 +357,8 @@ def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool], layout: L
 
 
 def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
-            replicated: Any = None, small: bool = False, layer_axis: Any = None) -> Norms:
+            replicated: Any = None, small: bool = False, layer_axis: Any = None,
+            per_leaf: bool = True) -> Norms:
   """Per-tensor and global norms of ``tree`` with one collective.
 
   A tensor is a leaf, or with ``layer_axis`` each slice of a leaf along its
@@ -325,6 +369,8 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   partials of the one in force, and selects at run time. ``small`` asks for
   exact norms below the float32 range of squares (it may cost a second pass
   when some leaf is zero or tiny); clippers with a lower bound use it.
+  Without ``per_leaf`` only ``total`` is computed (``leaves`` is ``None``,
+  ``per_leaf`` empty): the norm of the whole tree needs no partial per leaf.
   """
   ord = check_ord(ord)
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
@@ -335,6 +381,8 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   if not leaves:
     empty = jnp.zeros((0,), acc)
     return Norms(empty, jnp.zeros((), acc), sizes, tensors, ())
+  if not per_leaf and not isinstance(ord, jax.core.Tracer):
+    return _total_norm(leaves, ord, acc, small, shared, axis_name, sizes, tensors)
   ords = VALID_ORDS if isinstance(ord, jax.core.Tracer) else (ord,)
   options = [_local_rows(leaves, tensors.layers, o, acc, small) for o in ords]
   pick = jnp.asarray(ord).astype(jnp.float32)
@@ -354,6 +402,21 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
                            total=choose(option.total, norms.total),
                            per_leaf=tuple(map(choose, option.per_leaf, norms.per_leaf)))
   return norms
+
+
+def _total_norm(leaves: list[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
+                shared: list[bool], axis_name: AxisName, sizes: np.ndarray,
+                tensors: Layout) -> Norms:
+  """:func:`measure` of the whole tree only: one ``[3]`` row of sums, one collective."""
+  keep: list[jax.Array | bool] = [True] * len(leaves)
+  if axis_name is not None and ord != float("inf") and any(shared):
+    # Replicated leaves are counted once: only the device of index 0 adds them.
+    first = lax.axis_index(axis_name) == 0
+    keep = [first if flag else True for flag in shared]
+  rows = _total_rows(leaves, ord, acc, small, keep)
+  if axis_name is not None:
+    rows = all_reduce(rows, axis_name, maximum=ord == float("inf"))
+  return Norms(None, _root(rows[0], rows[1], rows[2], ord, acc), sizes, tensors, ())
 
 
 def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
@@ -387,7 +450,7 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
     >>> float(clipjax.global_norm({"a": jnp.array([3.0, -4.0])}, ord=1))
     7.0
   """
-  return measure(tree, ord, axis_name=axis_name, replicated=replicated).total
+  return measure(tree, ord, axis_name=axis_name, replicated=replicated, per_leaf=False).total
 
 
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
