@@ -145,6 +145,7 @@ class Result:
   norms: np.ndarray  # [steps] pre-clip global gradient norm
   clipped_norms: np.ndarray  # [steps] global norm after the clipper
   clipped: np.ndarray | None  # [steps] bool from clip_stats, None without a clipper
+  thresholds: np.ndarray  # [steps] the clipper's threshold in force (NaN without one)
   train_loss: float
   test_accuracy: float
   seconds: float
@@ -175,7 +176,10 @@ def train(name: str, clipper: optax.GradientTransformation, cfg: Config,
     stats = clipjax.clip_stats(clip_state)
     was_clipped = next((v for k, v in stats.items() if k.endswith("/clipped")),
                        jnp.zeros((), jnp.bool_))
-    trace = (loss, clipjax.global_norm(grads), clipjax.global_norm(clipped), was_clipped)
+    threshold = next((v for k, v in stats.items() if k.endswith("/threshold")),
+                     jnp.full((), jnp.nan))
+    trace = (loss, clipjax.global_norm(grads), clipjax.global_norm(clipped), was_clipped,
+             threshold)
     return (params, (clip_state, sgd_state)), trace
 
   @jax.jit
@@ -189,13 +193,14 @@ def train(name: str, clipper: optax.GradientTransformation, cfg: Config,
     traces.append(jax.device_get(trace))
     bar.update(cfg.chunk)
   params = carry[0]
-  losses, norms, clipped_norms, was_clipped = (np.concatenate(t) for t in zip(*traces))
+  losses, norms, clipped_norms, was_clipped, thresholds = (np.concatenate(t)
+                                                            for t in zip(*traces))
   train_loss = float(jax.jit(loss_fn)(params, x_train, y_train))
   predictions = jnp.argmax(jax.jit(logits_fn)(params, x_test), axis=-1)
   accuracy = float(jnp.mean(predictions == y_test))
   has_stats = bool(clipjax.clip_stats(tx.init(params)))
   return Result(name, losses, norms, clipped_norms, was_clipped if has_stats else None,
-                train_loss, accuracy, time.perf_counter() - start)
+                thresholds, train_loss, accuracy, time.perf_counter() - start)
 
 
 # Report -------------------------------------------------------------------------
@@ -224,6 +229,15 @@ def smooth(values: np.ndarray, width: int) -> np.ndarray:
   return np.convolve(padded, kernel, mode="valid")
 
 
+# Where a clipper's threshold is not a bound on the global norm, the panel says what it bounds.
+THRESHOLD_NOTES = {
+    "value": "each element to ±0.05",
+    "per-tensor norm": "each leaf to norm 0.5",
+    "AGC": "each unit to 0.05·‖W‖",
+}
+LINESTYLES = ["-", "--", "-.", ":"]
+
+
 def plot(results: list[Result], cfg: Config, path: pathlib.Path) -> None:
   # tab10 with its grey swapped for black: grey is kept for the pre-clip norms.
   colors = list(plt.get_cmap("tab10").colors)
@@ -233,8 +247,11 @@ def plot(results: list[Result], cfg: Config, path: pathlib.Path) -> None:
   top, bottom = fig.subfigures(2, 1, height_ratios=[1.3, 2])
   ax_loss, ax_acc = top.subplots(1, 2, width_ratios=[3, 2])
   steps = np.arange(1, cfg.steps + 1)
-  for r, color in zip(results, colors):
-    ax_loss.plot(steps, smooth(r.losses, width), color=color, lw=1.6, label=r.name)
+  # Line styles cycle as well as colours, so curves that coincide (global norm with
+  # and without its floor) both show.
+  for i, (r, color) in enumerate(zip(results, colors)):
+    ax_loss.plot(steps, smooth(r.losses, width), color=color, lw=1.6,
+                 ls=LINESTYLES[i % len(LINESTYLES)], label=r.name)
   ax_loss.set_yscale("log")
   ax_loss.set_xlabel("step")
   ax_loss.set_ylabel(f"training loss (moving average of {width})")
@@ -258,15 +275,21 @@ def plot(results: list[Result], cfg: Config, path: pathlib.Path) -> None:
   for i, (r, color, ax) in enumerate(zip(results, colors, axes.flat)):
     ax.plot(steps, r.norms, color="0.7", lw=0.6, label="before clipping")
     ax.plot(steps, r.clipped_norms, color=color, lw=0.9, label="after clipping")
+    if r.name in THRESHOLD_NOTES:
+      ax.text(0.03, 0.04, "threshold: " + THRESHOLD_NOTES[r.name], transform=ax.transAxes,
+              fontsize=8)
+    elif np.isfinite(r.thresholds).any():
+      ax.plot(steps, r.thresholds, color="k", ls="--", lw=0.8, label="threshold")
     ax.set_yscale("log")
     ax.set_title(r.name, color=color, fontsize=11)
     if i % 5 == 0:
       ax.set_ylabel("global gradient norm")
     if i >= 5:
       ax.set_xlabel("step")
-    if i == 0:
+    if i in (0, 3):
       ax.legend(fontsize=8, loc="upper right")
-  bottom.suptitle("Gradient norm per step, before (grey) and after the clipper")
+  bottom.suptitle("Gradient norm per step, before (grey) and after the clipper, and the"
+                  " clipper's threshold (dashed)")
   fig.suptitle(
       f"tanh RNN on digits as 64-pixel sequences: SGD + momentum, lr {cfg.learning_rate} "
       f"with polynomial decay, {cfg.steps} steps, recurrent spectral radius {cfg.radius}")
