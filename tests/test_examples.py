@@ -1,5 +1,6 @@
 """Every example runs in its quick mode, as a user would run it, and prints what it promises."""
 
+import math
 import os
 import pathlib
 import subprocess
@@ -49,3 +50,31 @@ def test_linear_regression():
   error = float(out.split("max |fitted - closed form| = ")[1].split()[0])
   assert error < 1e-2
   assert "OK:" in out
+
+
+def test_transformer_lm(tmp_path):
+  out = run_example("transformer_lm.py", "--quick", "--out", str(tmp_path))
+  lines = out[out.index("\nmethod") + 1:].splitlines()
+  assert lines[0].split() == ["method", "val", "bpc", "spikes", "clipped", "skipped", "max", "|g|",
+                              "time", "[s]"]
+  assert set(lines[1]) == {"-"}
+  # Per method: does it report clipped steps, skipped steps?
+  expected = {"none": (False, False), "global norm 1.0": (True, False), "ZClip": (True, False),
+              "AdaGC": (True, False), "skip spikes": (False, True),
+              "ZClip + skip spikes": (True, True)}
+  rows = {}
+  for line in lines[2:2 + len(expected)]:
+    name, *cells = line.rsplit(maxsplit=6)
+    rows[name.strip()] = cells
+  assert list(rows) == list(expected)
+  for name, (clips, skips) in expected.items():
+    val_bpc, spikes, clipped, skipped, max_norm, seconds = rows[name]
+    for number in (val_bpc, max_norm, seconds):
+      assert math.isfinite(float(number)), (name, number)
+    assert 0 < float(val_bpc) < 8 and int(spikes) >= 0
+    for reported, cell in ((clips, clipped), (skips, skipped)):
+      assert (0 <= int(cell) <= 30) if reported else cell == "-", (name, cell)
+  assert "a training loss above 1.5x the median of the 50 steps before it" in out  # the definition
+  png = tmp_path / "transformer_lm_quick.png"
+  assert f"plot written to {png}" in out
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
