@@ -70,6 +70,29 @@ def _tiny_partial(acc: jnp.dtype, ord: Ord) -> float:
   return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
+@jax.custom_jvp
+def _nan_max(x: jax.Array) -> jax.Array:
+  """``max(x)`` of nonnegative ``x`` that is NaN when some element is, on every backend.
+
+  XLA's max all-reduce on CPU drops NaN operands, also where the partitioner
+  inserts it (a sharded leaf under plain ``jit``). The max is taken over the
+  bit patterns instead, which order nonnegative floats and put NaN above inf:
+  an integer reduction, exact. The sign bit is cleared (a NaN may carry one).
+  """
+  ints = jnp.int64 if x.dtype.itemsize == 8 else jnp.int32
+  bits = lax.bitcast_convert_type(x, ints) & jnp.asarray(jnp.iinfo(ints).max, ints)
+  return lax.bitcast_convert_type(jnp.max(bits), x.dtype)
+
+
+@_nan_max.defjvp
+def _nan_max_jvp(primals, tangents):
+  # As jnp.max: the tangent is shared equally by the elements equal to the max.
+  (x,), (t,) = primals, tangents
+  top = _nan_max(x)
+  at = (x == top).astype(x.dtype)
+  return top, jnp.sum(at * t) / jnp.sum(at)
+
+
 def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
   return jnp.abs(leaf).astype(acc)
 
@@ -85,7 +108,7 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> 
     return jnp.sum(x * x)
   if ord == 1:
     return jnp.sum(x)
-  return jnp.max(x)
+  return _nan_max(x)
 
 
 def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
@@ -159,25 +182,40 @@ def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
   return flags
 
 
+def _pmax(values: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``lax.pmax`` that keeps NaN, with one collective.
+
+  XLA's max all-reduce on CPU drops NaN operands (the pmax of 1, 2, NaN, 3 is
+  3), so a NaN on one device would go unseen by the others. An is-NaN
+  indicator travels in the same operand, and NaN is restored where it is set.
+  """
+  nan = jnp.isnan(values)
+  both = lax.pmax(jnp.stack([jnp.where(nan, -jnp.inf, values), nan.astype(values.dtype)]),
+                  axis_name)
+  return jnp.where(both[1] > 0, jnp.full((), jnp.nan, values.dtype), both[0])
+
+
 def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Array = False,
                shared: np.ndarray | None = None) -> jax.Array:
   """Sums (or, with ``maximum``, maxes) ``values`` over ``axis_name`` with ONE collective.
 
-  The only cross-device reduction of the package. ``shared`` (NumPy bools
-  broadcastable to ``values``) marks entries that hold the same value on every
-  device of the axis (replicated leaves): a sum counts them once, from the
-  device of index 0. A traced ``maximum`` (a traced ``ord``) picks the
-  collective at run time, so one is still executed.
+  The only cross-device reduction of the package. NaN and inf on any device
+  reach every device: ``psum`` propagates them, the max carries an is-NaN
+  indicator in its operand. ``shared`` (NumPy bools broadcastable to
+  ``values``) marks entries that hold the same value on every device of the
+  axis (replicated leaves): a sum counts them once, from the device of index
+  0. A traced ``maximum`` (a traced ``ord``) picks the collective at run
+  time, so one is still executed.
   """
   if maximum is not True and shared is not None and shared.any():
     first = lax.axis_index(axis_name) == 0
     keep = jnp.logical_or(jnp.asarray(~shared), first)
     values = jnp.where(keep, values, jnp.zeros((), values.dtype))
   if maximum is True:
-    return lax.pmax(values, axis_name)
+    return _pmax(values, axis_name)
   if maximum is False:
     return lax.psum(values, axis_name)
-  return lax.cond(maximum, lambda v: lax.pmax(v, axis_name), lambda v: lax.psum(v, axis_name),
+  return lax.cond(maximum, lambda v: _pmax(v, axis_name), lambda v: lax.psum(v, axis_name),
                   values)
 
 
