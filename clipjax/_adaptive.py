@@ -125,7 +125,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
     finite = jnp.isfinite(norm)
     length = state.history.shape[0]
     # The threshold reads the history with this step's norm in it (when finite).
-    buffer = _base.keep(finite, state.history.at[state.position].set(norm.astype(_F32)),
+    buffer = _base.keep(finite, state.history.at[state.position].set(_base.f32(norm)),
                    state.history)
     filled = _base.keep(finite, jnp.minimum(_base.next_count(state.filled), length), state.filled)
     threshold = _percentile(buffer, filled, _base.f32(percentile))
@@ -219,42 +219,45 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                       count=jnp.zeros((), jnp.int32),
                       stats=_base.initial_stats(_base.initial_threshold(max_norm)))
 
-  def thresholds(x, state, warm):
+  # The rule runs in the norm's dtype (float64 under x64, so a norm beyond
+  # float32's range is still clipped); the state keeps float32.
+  def thresholds(x, mean, var, warm):
     """(the adaptive clip norm, inf when no spike; the norm reported as ``threshold``)."""
-    zt = _base.f32(z_thresh)
-    std = jnp.sqrt(state.var)
-    z = (x - state.mean) / (std + _ZCLIP_EPS)
+    zt = _base.f32(z_thresh).astype(x.dtype)
+    eps = jnp.asarray(_ZCLIP_EPS, x.dtype)
+    std = jnp.sqrt(var)
+    z = (x - mean) / (std + eps)
     spike = ~warm & (z > zt)
-    target = state.mean + zt * zt / jnp.where(spike, z, 1.0) * std
-    boundary = jnp.where(warm, jnp.inf, jnp.where(spike, target,
-                                                  state.mean + zt * (std + _ZCLIP_EPS)))
+    target = mean + zt * zt / jnp.where(spike, z, 1.0) * std
+    boundary = jnp.where(warm, jnp.inf, jnp.where(spike, target, mean + zt * (std + eps)))
     return jnp.where(spike, target, jnp.inf), boundary
 
-  def moments(x, g_hat, state, warm):
+  def moments(x, g_hat, mean, var, count, warm):
     """The next ``(μ, σ²)``: Welford's running values in warm-up, then EMAs of ``ĝ``."""
-    a = _base.f32(alpha)
-    k = (state.count + 1).astype(_F32)
-    delta = x - state.mean
-    warm_mean = state.mean + delta / k
-    warm_var = state.var + (delta * (x - warm_mean) - state.var) / k
-    ema_mean = a * state.mean + (1.0 - a) * g_hat
-    ema_var = a * state.var + (1.0 - a) * jnp.square(g_hat - ema_mean)
-    return jnp.where(warm, warm_mean, ema_mean), jnp.where(warm, warm_var, ema_var)
+    a = _base.f32(alpha).astype(x.dtype)
+    k = (count + 1).astype(x.dtype)
+    delta = x - mean
+    warm_mean = mean + delta / k
+    warm_var = var + (delta * (x - warm_mean) - var) / k
+    ema_mean = a * mean + (1.0 - a) * g_hat
+    ema_var = a * var + (1.0 - a) * jnp.square(g_hat - ema_mean)
+    return (_base.saturate(_base.f32(jnp.where(warm, warm_mean, ema_mean))),
+            _base.saturate(_base.f32(jnp.where(warm, warm_var, ema_var))))
 
   def step(norms, state):
-    norm = norms.total
-    x = norm.astype(_F32)
+    x = norms.total
+    mean, var = state.mean.astype(x.dtype), state.var.astype(x.dtype)
     warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
-    adaptive, boundary = thresholds(x, state, warm)
+    adaptive, boundary = thresholds(x, mean, var, warm)
     high = adaptive
     cap = _base.resolve(max_norm, state.count)
     if cap is not None:
-      high = jnp.minimum(adaptive, cap.astype(_F32))
-      boundary = jnp.minimum(boundary, cap.astype(_F32))
-    scale, clipped, finite = _base.scale_rule(norm, high.astype(norm.dtype))
-    mean, var = moments(x, jnp.minimum(x, adaptive), state, warm)
+      high = jnp.minimum(adaptive, cap.astype(x.dtype))
+      boundary = jnp.minimum(boundary, cap.astype(x.dtype))
+    scale, clipped, finite = _base.scale_rule(x, high)
+    mean, var = moments(x, jnp.minimum(x, adaptive), mean, var, state.count, warm)
     return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
-                             stats=_base.make_stats(norm, boundary, scale, clipped, finite))
+                             stats=_base.make_stats(x, boundary, scale, clipped, finite))
 
   return _base.norm_transform(init_fn, step, axis_name, replicated)
 
@@ -349,8 +352,9 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   def tracked(gamma, leaf_norms, clipped_norms, warm):
     """The next γ: the smallest clipped norm in warm-up, then its EMA; zero norms skip."""
     b = _base.f32(beta)
-    moving = jnp.where(jnp.isfinite(gamma), b * gamma + (1.0 - b) * clipped_norms,
-                       clipped_norms)
+    clipped_norms = _base.f32(clipped_norms)
+    moving = jnp.where(jnp.isfinite(gamma),
+                       _base.saturate(b * gamma + (1.0 - b) * clipped_norms), clipped_norms)
     new = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
     return jnp.where(leaf_norms > 0, new, gamma)
 
@@ -360,15 +364,18 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           f"adagc: the state tracks {state.gamma.shape[0]} tensors but the updates have"
           f" {norms.leaves.shape[0]} leaves; call init with the parameters (a tree of the"
           " updates' structure).")
-    leaf_norms = norms.leaves.astype(_F32)
+    # The scales are computed in the norms' dtype (float64 under x64), so a norm
+    # beyond float32's range is still clipped.
+    leaf_norms, acc = norms.leaves, norms.leaves.dtype
     warm = state.count < jnp.asarray(warmup_steps).astype(jnp.int32)
     lam_abs = _base.f32(lambda_abs)
-    global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(norms.total.dtype))
+    global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(acc))
     relative = _base.f32(lambda_rel) * state.gamma  # inf for a tensor without history: not clipped
-    leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative)
-    scales = jnp.where(warm, global_scale.astype(_F32), leaf_scales)
-    scales = jnp.where(finite, scales, jnp.ones((), _F32))
-    threshold = jnp.where(warm, lam_abs, jnp.sqrt(jnp.sum(jnp.square(relative))))
+    leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative.astype(acc))
+    scales = jnp.where(warm, global_scale, leaf_scales)
+    scales = jnp.where(finite, scales, jnp.ones((), acc))
+    bound = jnp.sqrt(jnp.sum(jnp.square(relative.astype(acc))))
+    threshold = jnp.where(warm, lam_abs.astype(acc), bound)
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)
     return scales, AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
@@ -447,7 +454,7 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   def step(norms, state):
     norm, c = norms.total, state.clip_norm
     scale, clipped, finite = _base.scale_rule(norm, c.astype(norm.dtype))
-    below = (norm.astype(_F32) <= c).astype(_F32)
+    below = (norm <= c.astype(norm.dtype)).astype(_F32)
     moved = c * jnp.exp(-_base.f32(learning_rate) * (below - _base.f32(target_quantile)))
     return scale, QuantileClipState(clip_norm=moved,
                                     stats=_base.make_stats(norm, c, scale, clipped, finite))

@@ -60,7 +60,7 @@ def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
   """Statistics before the first step: nothing measured, nothing clipped."""
   return ClipStats(
       norm=jnp.zeros((), jnp.float32),
-      threshold=jnp.asarray(threshold).astype(jnp.float32),
+      threshold=f32(threshold),
       scale=jnp.ones((), jnp.float32),
       clipped=jnp.zeros((), jnp.bool_),
       finite=jnp.ones((), jnp.bool_),
@@ -69,11 +69,11 @@ def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
 
 def make_stats(norm: jax.Array, threshold: jax.typing.ArrayLike, scale: jax.Array,
                clipped: jax.Array, finite: jax.Array) -> ClipStats:
-  """Statistics of one step, cast to the dtypes the state keeps."""
+  """Statistics of one step, cast to the dtypes the state keeps (see :func:`f32`)."""
   return ClipStats(
-      norm=jnp.asarray(norm).astype(jnp.float32),
-      threshold=jnp.asarray(threshold).astype(jnp.float32),
-      scale=jnp.asarray(scale).astype(jnp.float32),
+      norm=f32(norm),
+      threshold=f32(threshold),
+      scale=f32(scale),
       clipped=jnp.asarray(clipped, jnp.bool_),
       finite=jnp.asarray(finite, jnp.bool_),
   )
@@ -298,9 +298,31 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
 def f32(value: jax.typing.ArrayLike) -> jax.Array:
-  """A hyperparameter as a float32 array (``inject_hyperparams`` may give bf16)."""
-  return jnp.asarray(value).astype(jnp.float32)
+  """``value`` as float32, for a state or a hyperparameter; a finite value stays finite.
+
+  Every norm that enters a float32 state (statistics, histories, moving
+  averages) passes here. A finite value beyond float32's range (a float64 norm
+  under x64) is clamped to ±float32 max rather than becoming inf; NaN and inf
+  are kept. Hyperparameters pass here too (``inject_hyperparams`` may give bf16).
+  """
+  value = jnp.asarray(value)
+  if jnp.issubdtype(value.dtype, jnp.floating) and jnp.finfo(value.dtype).bits > 32:
+    value = jnp.where(jnp.isfinite(value), jnp.clip(value, -_F32_MAX, _F32_MAX), value)
+  return value.astype(jnp.float32)
+
+
+def saturate(value: jax.Array) -> jax.Array:
+  """A float32 running statistic computed from finite inputs, held in the finite range.
+
+  Moving averages and variances of norms near float32's maximum can round or
+  square past it; an inf there would stop the clipper for good, so it is
+  clamped to ±float32 max. NaN is kept.
+  """
+  return jnp.clip(value, -_F32_MAX, _F32_MAX)
 
 
 def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
