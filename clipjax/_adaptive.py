@@ -225,7 +225,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     """(the adaptive clip norm, inf when no spike; the norm reported as ``threshold``)."""
     zt = _base.f32(z_thresh).astype(x.dtype)
     eps = jnp.asarray(_ZCLIP_EPS, x.dtype)
-    std = jnp.sqrt(var)
+    std = _norms.safe_sqrt(var)
     z = (x - mean) / (std + eps)
     spike = ~warm & (z > zt)
     target = mean + zt * zt / jnp.where(spike, z, 1.0) * std

@@ -95,7 +95,7 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
   """
   x = jnp.asarray(x)
   squared = unit_squares(x, unit_axes(x, axis), _norms.accumulation_dtype([x]))
-  return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
+  return jnp.broadcast_to(_norms.safe_sqrt(squared), x.shape)
 
 
 # AGC ------------------------------------------------------------------------------
@@ -130,8 +130,8 @@ def _unit_sums(grads: list[jax.Array], weights: list[jax.Array], axis: Axes,
 
 def _decide(g_sq: jax.Array, w_sq: jax.Array, limit: jax.Array, eps: jax.Array) -> _Units:
   """Scales each unit with ``‖G‖ / max(‖W‖, eps) > limit`` down to that ratio."""
-  g_norm = jnp.sqrt(g_sq)
-  w_norm = jnp.maximum(jnp.sqrt(w_sq), eps)
+  g_norm = _norms.safe_sqrt(g_sq)
+  w_norm = jnp.maximum(_norms.safe_sqrt(w_sq), eps)
   scale, clipped, finite = _base.scale_rule(g_norm, limit * w_norm)
   positive = w_norm > 0
   ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), g_norm.dtype)),

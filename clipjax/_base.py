@@ -218,15 +218,19 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   safe = jnp.where(positive & finite, norm, jnp.ones((), norm.dtype))
   one = jnp.ones((), norm.dtype)
   scale = one
+  # Each quotient's numerator is also taken where it is selected, so an unselected
+  # inf threshold (max_norm=inf: no clipping) cannot give inf·0 = NaN derivatives.
   if min_norm is not None:
     low = jnp.asarray(min_norm).astype(norm.dtype)
     # Lift only where the factor low / norm is representable (norm >= low / max):
     # a norm below that (e.g. 1e-38 lifted to 4) passes through like zero.
     liftable = norm * jnp.asarray(jnp.finfo(norm.dtype).max, norm.dtype) >= low
-    scale = jnp.where(positive & (norm < low) & liftable, low / safe, scale)
+    lift = positive & (norm < low) & liftable
+    scale = jnp.where(lift, jnp.where(lift, low, one) / safe, scale)
   if max_norm is not None:
     high = jnp.asarray(max_norm).astype(norm.dtype)
-    scale = jnp.where(norm > high, high / safe, scale)
+    cut = norm > high
+    scale = jnp.where(cut, jnp.where(cut, high, one) / safe, scale)
   scale = jnp.where(finite, scale, one)
   clipped = finite & (scale != one)
   return jnp.broadcast_to(scale, norm.shape), clipped, finite

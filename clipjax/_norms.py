@@ -70,6 +70,20 @@ def _tiny_partial(acc: jnp.dtype, ord: Ord) -> float:
   return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` of a sum of squares, with a finite derivative everywhere.
+
+  Every root of a sum of squares in the package is taken here. The derivative
+  at 0 is 0 (the subgradient of a norm at zero, as ``optax.safe_norm``), not
+  inf: the inner ``where`` gives ``sqrt`` a safe input, so a branch that a
+  ``where`` does not select cannot turn its zero cotangent into
+  ``0 · inf = NaN``. NaN and inf pass through.
+  """
+  zero = x == 0
+  root = jnp.sqrt(jnp.where(zero, jnp.ones((), x.dtype), x))
+  return jnp.where(zero, jnp.zeros((), x.dtype), root)
+
+
 @jax.custom_jvp
 def _nan_max(x: jax.Array) -> jax.Array:
   """``max(x)`` of nonnegative ``x`` that is NaN when some element is, on every backend.
@@ -94,7 +108,14 @@ def _nan_max_jvp(primals, tangents):
 
 
 def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
-  return jnp.abs(leaf).astype(acc)
+  """``|x|`` in ``acc``, with derivative 0 at ``x = 0``.
+
+  0 is the subgradient every norm here takes at zero (``jnp.abs`` would give
+  1, or NaN for a complex 0); the inner ``where`` keeps ``abs`` off 0.
+  """
+  zero = leaf == 0
+  safe = jnp.where(zero, jnp.ones((), leaf.dtype), leaf)
+  return jnp.where(zero, jnp.zeros((), acc), jnp.abs(safe).astype(acc))
 
 
 def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> jax.Array:
@@ -250,8 +271,8 @@ def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: _Part
   overflowed = ~jnp.isfinite(plain)
   underflowed = plain < jnp.asarray(partials.tiny, dtype)
   if partials.ord == 2:
-    return jnp.where(overflowed, jnp.sqrt(shrunk) * big,
-                     jnp.where(underflowed, jnp.sqrt(grown) * small, jnp.sqrt(plain)))
+    return jnp.where(overflowed, safe_sqrt(shrunk) * big,
+                     jnp.where(underflowed, safe_sqrt(grown) * small, safe_sqrt(plain)))
   return jnp.where(overflowed, shrunk * big,
                    jnp.where(underflowed, grown * small, plain))
 

@@ -7,6 +7,7 @@ test_reliability_sharded.py. Updates run jitted (one compilation per case).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import clipjax
@@ -26,6 +27,41 @@ def _tree(scale, dtype=jnp.float32, seed=0):
 
 
 PARAMS = _tree(1.0, seed=9)
+
+
+def _weights(tree):
+  """Fixed cotangents: the scalar function is sum(w · update)."""
+  return jax.tree.map(lambda x: jnp.asarray(
+      np.random.default_rng(x.size).normal(size=x.shape), x.dtype), tree)
+
+
+def _scalar(update, weights):
+  def f(g):
+    out = update(g)
+    return sum(jnp.vdot(w, o) for w, o in zip(jax.tree.leaves(weights), jax.tree.leaves(out)))
+  return f
+
+
+def _central_difference(f, tree, h=1e-6):
+  """Float64 central difference of a scalar ``f`` at ``tree``, all coordinates in one vmap."""
+  leaves, treedef = jax.tree.flatten(tree)
+  sizes = [x.size for x in leaves]
+  flat = jnp.concatenate([x.ravel() for x in leaves])
+  basis = jnp.eye(flat.size, dtype=flat.dtype) * h
+
+  def unflat(vector):
+    parts = jnp.split(vector, np.cumsum(sizes)[:-1])
+    return jax.tree.unflatten(treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
+
+  at = jax.jit(jax.vmap(lambda v: f(unflat(v))))
+  return unflat((at(flat[None] + basis) - at(flat[None] - basis)) / (2 * h))
+
+
+def _assert_trees_close(actual, expected, rtol, atol=0.0):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    assert np.all(np.isfinite(np.asarray(a, np.float64))), a
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
+                               rtol=rtol, atol=atol)
 
 
 def _primed(tx, steps, params):
@@ -54,3 +90,114 @@ def test_float64_norms_above_float32_range_are_clipped_and_stay_finite(name):
                if jnp.issubdtype(x.dtype, jnp.floating)]
     assert all(np.all(np.isfinite(x)) for x in running), running
     assert np.isfinite(float(new.stats.norm)) and bool(new.stats.finite)
+
+
+# 1. Reverse-mode derivatives ----------------------------------------------------------
+
+
+def test_norm_gradients_match_optax_and_are_zero_at_zero():
+  x = jnp.array([3.0, 4.0])
+  grad = jax.jit(jax.grad(clipjax.global_norm))
+  np.testing.assert_allclose(grad(x), [0.6, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(jax.grad(lambda v: clipjax.leaf_norms([v, 2 * v]).sum()))(x), [1.8, 2.4],
+      rtol=1e-6)
+  for ord in (1, 2, jnp.inf):
+    g = jax.jit(jax.grad(lambda v, o=ord: clipjax.global_norm(v, ord=o)))(jnp.zeros(3))
+    np.testing.assert_array_equal(g, 0.0)
+  units = jax.jit(jax.grad(lambda v: clipjax.unitwise_norm(v).sum()))(jnp.zeros((3, 2)))
+  np.testing.assert_array_equal(units, 0.0)
+
+
+def _optax_twins():
+  """(clipjax update, optax update) pairs of the same function of the gradients."""
+  cj, ox = clipjax, optax
+  pairs = {
+      "clip_by_global_norm": (cj.clip_by_global_norm(1.0), ox.clip_by_global_norm(1.0)),
+      "clip_by_block_rms": (cj.clip_by_block_rms(0.5), ox.clip_by_block_rms(0.5)),
+      "clip": (cj.clip(0.8), ox.clip(0.8)),
+      "adaptive_grad_clip": (cj.adaptive_grad_clip(0.3), ox.adaptive_grad_clip(0.3)),
+  }
+  out = {name: (lambda g, t=a: t.update(g, t.init(PARAMS), PARAMS)[0],
+                lambda g, t=b: t.update(g, t.init(PARAMS), PARAMS)[0])
+         for name, (a, b) in pairs.items()}
+  for name in ("per_example_global_norm_clip", "per_example_layer_norm_clip"):
+    ours, theirs = getattr(cj, name), getattr(ox, name)
+    out[name] = (lambda g, f=ours: f(g, 1.0)[0], lambda g, f=theirs: f(g, 1.0)[0])
+  return out
+
+
+TWINS = _optax_twins()
+BATCH = {"a": (4, 3, 2), "b": (4, 4)}
+
+
+@pytest.mark.parametrize("scale", [0.05, 5.0], ids=["below", "clipped"])
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_reverse_mode_equals_optax_twin(name, scale):
+  ours, theirs = TWINS[name]
+  rng = np.random.default_rng(4)
+  g = (jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s) * scale, jnp.float32), BATCH,
+                    is_leaf=lambda s: isinstance(s, tuple))
+       if name.startswith("per_example") else _tree(scale))
+  w = _weights(ours(g))
+  expected = jax.jit(jax.grad(_scalar(theirs, w)))(g)
+  actual = jax.jit(jax.grad(_scalar(ours, w)))(g)
+  _assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
+def _x64_cases():
+  """name -> (build, or None for the norm itself; the scale of the point)."""
+  cj = clipjax
+  cases = {}
+  for ord in (1, 2, np.inf):
+    cases[f"clip_by_norm-{ord}"] = (lambda o=ord: cj.clip_by_norm(1.0, ord=o), 2.0)
+    cases[f"clip_by_global_norm-{ord}"] = (lambda o=ord: cj.clip_by_global_norm(1.0, ord=o), 2.0)
+    cases[f"global_norm-{ord}"] = (None, 2.0)
+  cases["clip_by_norm-floor"] = (lambda: cj.clip_by_norm(10.0, min_norm=4.0), 1.0)
+  cases["clip_by_global_norm-floor"] = (lambda: cj.clip_by_global_norm(10.0, min_norm=8.0), 1.0)
+  cases["clip-floor"] = (lambda: cj.clip(1.2, min_delta=0.9), 1.0)
+  # No clipping: an inf threshold must not give inf·0 in the unselected quotient.
+  cases["clip_by_global_norm-no-threshold"] = (lambda: cj.clip_by_global_norm(np.inf), 2.0)
+  cases["adaptive_grad_clip-no-threshold"] = (lambda: cj.adaptive_grad_clip(np.inf), 2.0)
+  cases["adaptive_grad_clip"] = (lambda: cj.adaptive_grad_clip(0.3), 2.0)
+  cases["autoclip"] = (lambda: cj.autoclip(50.0, history=8), 3.0)
+  cases["zclip"] = (lambda: cj.zclip(0.9, z_thresh=1.0, warmup_steps=3), 9.0)
+  cases["adagc-warm"] = (lambda: cj.adagc(lambda_abs=1.0, warmup_steps=10), 2.0)
+  cases["adagc"] = (lambda: cj.adagc(lambda_abs=1.0, warmup_steps=2), 3.0)
+  cases["quantile_clip"] = (lambda: cj.quantile_clip(0.5, initial_norm=1.0), 3.0)
+  return cases
+
+
+X64_CASES = _x64_cases()
+
+
+@pytest.mark.parametrize("case", sorted(X64_CASES))
+def test_reverse_mode_equals_float64_central_difference(case):
+  build, scale = X64_CASES[case]
+  with jax.enable_x64(True):
+    params = _tree(1.0, jnp.float64, seed=9)
+    g = _tree(scale, jnp.float64)
+    if build is None:  # the norm itself
+      ord = float(case.split("-")[1])
+      update = lambda t, o=ord: {"n": clipjax.global_norm(t, ord=o) * jnp.ones(1, t["a"].dtype)}
+    else:
+      tx = build()
+      warm = [_tree(s, jnp.float64, seed=i) for i, s in enumerate([1.0, 1.2, 0.9, 1.1])]
+      state = _primed(tx, warm, params)
+      update = lambda t, tx=tx, state=state: tx.update(t, state, params)[0]
+    w = _weights(jax.jit(update)(g))
+    f = _scalar(update, w)
+    grad = jax.jit(jax.grad(f))
+    _assert_trees_close(grad(g), _central_difference(f, g), rtol=1e-6, atol=1e-9)
+    # The zero gradient: finite, and the identity's derivative (no clipper moves a zero).
+    expected = w if build is not None else jax.tree.map(jnp.zeros_like, g)
+    _assert_trees_close(grad(jax.tree.map(jnp.zeros_like, g)), expected, rtol=0.0)
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_reverse_mode_is_finite_at_zero_for_every_transform(entry_id):
+  tx = BY_ID[entry_id].build()
+  state = tx.init(PARAMS)
+  w = _weights(PARAMS)
+  grad = jax.jit(jax.grad(_scalar(lambda g: tx.update(g, state, PARAMS)[0], w)))
+  _assert_trees_close(grad(jax.tree.map(jnp.zeros_like, PARAMS)), w, rtol=0.0)
