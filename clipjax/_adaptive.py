@@ -374,7 +374,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative.astype(acc))
     scales = jnp.where(warm, global_scale, leaf_scales)
     scales = jnp.where(finite, scales, jnp.ones((), acc))
-    bound = jnp.sqrt(jnp.sum(jnp.square(relative.astype(acc))))
+    bound = _norms.global_norm(relative.astype(acc))  # overflow-safe, like every norm
     threshold = jnp.where(warm, lam_abs.astype(acc), bound)
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)

@@ -9,7 +9,7 @@ the one owner of the collective and of the count-once rule for replicated
 leaves.
 """
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -64,9 +64,8 @@ def _rescale_exponent(acc: jnp.dtype) -> int:
   return (jnp.finfo(acc).maxexp + 48) // 2
 
 
-def _tiny_partial(acc: jnp.dtype, ord: Ord) -> float:
-  """Below this an unrooted partial may have lost elements to underflow."""
-  power = 2 if ord == 2 else 1
+def _tiny_partial(acc: jnp.dtype, power: int) -> float:
+  """Below this an unrooted partial of ``|x|^power`` may have lost elements to underflow."""
   return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
@@ -132,29 +131,28 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0) -> 
   return _nan_max(x)
 
 
-def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
+def can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
   """Whether a squared element of some leaf can exceed the accumulation range."""
   acc_exp = jnp.finfo(acc).maxexp
   return any(2 * jnp.finfo(leaf.dtype).maxexp > acc_exp
              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
-def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
-                    small: bool) -> jax.Array:
-  """Per-leaf local partials, stacked as ``[3, n_leaves]`` (plain, shrunk, grown).
+def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
+            acc: jnp.dtype, power: int, *, overflow: bool, underflow: bool
+            ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The shrunk and grown rows of the local unrooted partials ``plain``.
 
-  Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``. Rows 1 and 2 hold the
-  same sums over ``x * 2**-k`` and ``x * 2**k``. Row 1 is computed from the
-  data only when row 0 overflowed on this device, row 2 only (with ``small``)
-  when some partial is so small that its squares may have underflowed; that
-  is a rare, local ``lax.cond``. Otherwise they are derived from row 0, so the
-  common case reads each leaf once.
+  ``plain`` is a list of arrays of sums of ``|x|^power`` in ``acc``;
+  ``reread(factor)`` computes the same sums over ``x * factor`` from the data.
+  The rows are the sums over ``x * 2**-k`` and ``x * 2**k``, derived from
+  ``plain`` by exact multiplication unless a local, rare ``lax.cond`` finds a
+  plain sum that overflowed (with ``overflow``) or may have underflowed (with
+  ``underflow``, below ``2**-100`` for squares); only then are they reread, so
+  the common case reads the data once. :func:`root` takes the rescued row
+  where the plain sum left the range.
   """
-  plain = _xla.materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
-  if ord == float("inf"):
-    return jnp.stack([plain, plain, plain])
   k = _rescale_exponent(acc)
-  power = 2 if ord == 2 else 1
   # 2**(±k * power) is outside the accumulation range for power 2: apply 2**±k
   # `power` times (each step exact, as long as the result is representable).
   shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
@@ -164,24 +162,65 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
       x = x * factor
     return x
 
-  if not (_can_overflow(leaves, acc) or small):
-    return jnp.stack([plain, times(plain, shrink), times(plain, grow)])
-
   def derived(_):
-    return jnp.stack([times(plain, shrink), times(plain, grow)])
+    return [times(p, shrink) for p in plain], [times(p, grow) for p in plain]
+
+  if not (overflow or underflow):
+    return derived(None)
 
   def recomputed(_):
-    shrunk = jnp.stack([_partial(leaf, ord, acc, 2.0**-k) for leaf in leaves])
-    if not small:
-      # Only overflow is rescued: the grown row is not read where plain is large.
-      return jnp.stack([shrunk, times(plain, grow)])
-    return jnp.stack([shrunk, jnp.stack([_partial(leaf, ord, acc, 2.0**k) for leaf in leaves])])
+    shrunk, grown = derived(None)
+    return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
 
-  fine = jnp.all(jnp.isfinite(plain))
-  if small:
-    fine = fine & jnp.all(plain >= jnp.asarray(_tiny_partial(acc, ord), acc))
-  rescued = lax.cond(fine, derived, recomputed, None)
-  return jnp.concatenate([plain[None], rescued])
+  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in plain]))
+  if underflow:
+    tiny = jnp.asarray(_tiny_partial(acc, power), acc)
+    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in plain]))
+  if not isinstance(fine, jax.core.Tracer):
+    # Outside jit the branch is known: the same result, without compiling a new
+    # conditional on every call (its branches are fresh closures).
+    return derived(None) if bool(fine) else recomputed(None)
+  return lax.cond(fine, derived, recomputed, None)
+
+
+def root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array | None, power: int
+         ) -> jax.Array:
+  """The norms of unrooted sums of ``|x|^power``, rescued where ``plain`` left the range.
+
+  ``sqrt(shrunk)·2^k`` (or ``shrunk·2^k`` for power 1) where ``plain``
+  overflowed, ``sqrt(grown)·2^-k`` where it may have underflowed (``grown``
+  ``None``: no underflow rescue), ``sqrt(plain)`` elsewhere, all through
+  :func:`safe_sqrt`.
+  """
+  dtype = plain.dtype
+  k = _rescale_exponent(dtype)
+  big, small = jnp.asarray(2.0**k, dtype), jnp.asarray(2.0**-k, dtype)
+  take = safe_sqrt if power == 2 else (lambda x: x)
+  value = take(plain)
+  if grown is not None:
+    underflowed = plain < jnp.asarray(_tiny_partial(dtype, power), dtype)
+    value = jnp.where(underflowed, take(grown) * small, value)
+  return jnp.where(jnp.isfinite(plain), value, take(shrunk) * big)
+
+
+def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
+                    small: bool) -> jax.Array:
+  """Per-leaf local partials, stacked as ``[3, n_leaves]`` (plain, shrunk, grown).
+
+  Row 0 holds ``sum|x|^ord`` (or ``max|x|``) in ``acc``, rows 1 and 2 the
+  same sums over ``x * 2**-k`` and ``x * 2**k`` (see :func:`rescued`; the
+  grown row is reread only with ``small``).
+  """
+  plain = _xla.materialized(jnp.stack([_partial(leaf, ord, acc) for leaf in leaves]))
+  if ord == float("inf"):
+    return jnp.stack([plain, plain, plain])
+
+  def reread(factor):
+    return [jnp.stack([_partial(leaf, ord, acc, factor) for leaf in leaves])]
+
+  (shrunk,), (grown,) = rescued([plain], reread, acc, 2 if ord == 2 else 1,
+                                overflow=can_overflow(leaves, acc), underflow=small)
+  return jnp.stack([plain, shrunk, grown])
 
 
 def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
@@ -244,7 +283,7 @@ class _Partials(NamedTuple):
   """Per-leaf partial norms, reduced over devices; unrooted.
 
   ``plain[i]`` is ``sum|x_i|^ord`` (or ``max|x_i|``) in the accumulation dtype;
-  ``shrunk[i]`` and ``grown[i]`` are the same over ``x_i * 2**∓exponent``, used
+  ``shrunk[i]`` and ``grown[i]`` are the same over ``x_i * 2**∓k``, used
   where ``plain`` overflowed or underflowed.
   """
 
@@ -252,29 +291,10 @@ class _Partials(NamedTuple):
   shrunk: jax.Array  # [n_leaves] same dtype
   grown: jax.Array  # [n_leaves] same dtype
   ord: Ord
-  exponent: int
-  tiny: float
 
   @classmethod
-  def of_rows(cls, rows: jax.Array, ord: Ord, acc: jnp.dtype) -> "_Partials":
-    return cls(rows[0], rows[1], rows[2], ord, _rescale_exponent(acc), _tiny_partial(acc, ord))
-
-
-def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, partials: _Partials
-          ) -> jax.Array:
-  """Turns unrooted partials into a norm, rescued where ``plain`` left the range."""
-  if partials.ord == float("inf"):
-    return plain
-  dtype = plain.dtype
-  big = jnp.asarray(2.0**partials.exponent, dtype)
-  small = jnp.asarray(2.0**-partials.exponent, dtype)
-  overflowed = ~jnp.isfinite(plain)
-  underflowed = plain < jnp.asarray(partials.tiny, dtype)
-  if partials.ord == 2:
-    return jnp.where(overflowed, safe_sqrt(shrunk) * big,
-                     jnp.where(underflowed, safe_sqrt(grown) * small, safe_sqrt(plain)))
-  return jnp.where(overflowed, shrunk * big,
-                   jnp.where(underflowed, grown * small, plain))
+  def of_rows(cls, rows: jax.Array, ord: Ord) -> "_Partials":
+    return cls(rows[0], rows[1], rows[2], ord)
 
 
 class Norms(NamedTuple):
@@ -286,12 +306,12 @@ class Norms(NamedTuple):
 
 
 def _norms_of(partials: _Partials, sizes: np.ndarray) -> Norms:
-  leaves = _root(partials.plain, partials.shrunk, partials.grown, partials)
   if partials.ord == float("inf"):
-    total = jnp.max(partials.plain, initial=0.0)
-  else:
-    total = _root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
-                  partials)
+    return Norms(partials.plain, jnp.max(partials.plain, initial=0.0), sizes)
+  power = 2 if partials.ord == 2 else 1
+  leaves = root(partials.plain, partials.shrunk, partials.grown, power)
+  total = root(jnp.sum(partials.plain), jnp.sum(partials.shrunk), jnp.sum(partials.grown),
+               power)
   return Norms(leaves, total, sizes)
 
 
@@ -331,7 +351,7 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
     maximum = ord == float("inf") if len(ords) == 1 else pick == float("inf")
     chosen = all_reduce(chosen, axis_name, maximum=maximum,
                         shared=np.asarray(shared, bool)[None, :])
-  options = [_norms_of(_Partials.of_rows(chosen, o, acc), sizes) for o in ords]
+  options = [_norms_of(_Partials.of_rows(chosen, o), sizes) for o in ords]
   norms = options[0]
   for value, option in zip(ords[1:], options[1:]):
     norms = Norms(jnp.where(pick == value, option.leaves, norms.leaves),

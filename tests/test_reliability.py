@@ -201,3 +201,33 @@ def test_reverse_mode_is_finite_at_zero_for_every_transform(entry_id):
   w = _weights(PARAMS)
   grad = jax.jit(jax.grad(_scalar(lambda g: tx.update(g, state, PARAMS)[0], w)))
   _assert_trees_close(grad(jax.tree.map(jnp.zeros_like, PARAMS)), w, rtol=0.0)
+
+
+# 4. AGC and unitwise_norm do not overflow -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,value", [(jnp.float32, 1e20), (jnp.bfloat16, 1e30),
+                                         (jnp.float32, 1e36)])
+def test_agc_and_unitwise_norm_rescue_overflow(dtype, value):
+  g = {"w": jnp.full((3, 2), value, dtype), "b": jnp.full((2,), value, dtype)}
+  p = {"w": jnp.ones((3, 2), dtype), "b": jnp.ones((2,), dtype)}
+  true = float(jnp.asarray(value, dtype).astype(jnp.float32))
+  np.testing.assert_allclose(clipjax.unitwise_norm(g["w"]), true * np.sqrt(3), rtol=1e-6)
+  tx = clipjax.adaptive_grad_clip(0.1)
+  out, state = jax.jit(tx.update)(g, tx.init(p), p)
+  assert bool(state.stats.finite) and bool(state.stats.clipped)
+  # Each unit is brought to 0.1 · its parameter norm (sqrt(3) for a column, sqrt(2) for b).
+  rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
+  np.testing.assert_allclose(clipjax.unitwise_norm(out["w"].astype(jnp.float32)),
+                             0.1 * np.sqrt(3), rtol=rtol)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out["b"], np.float64)), 0.1 * np.sqrt(2),
+                             rtol=rtol)
+
+
+def test_agc_common_case_reads_each_leaf_once():
+  """Without overflow the rescue is a cond's untaken branch: one reduction per leaf outside it."""
+  g = {"w": jnp.ones((6, 4)), "b": jnp.ones((4,))}
+  tx = clipjax.adaptive_grad_clip(0.1)
+  jaxpr = jax.make_jaxpr(lambda g, p: tx.update(g, tx.init(p), p))(g, g).jaxpr
+  top = [e.primitive.name for e in jaxpr.eqns]
+  assert top.count("reduce_sum") == 4 and top.count("cond") == 1, top  # 2 grads + 2 params

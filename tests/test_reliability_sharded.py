@@ -119,3 +119,20 @@ def test_nonfinite_shard_under_sharded_jit(mesh, ord):
     assert not bool(state.stats.finite)
     assert_tree_close(out, _grads(bad), what=f"ord={ord} {bad}")
 
+
+def test_agc_overflow_on_one_shard_matches_unsharded_with_one_all_reduce(mesh):
+  grads = _grads()
+  grads["kernel"][2:4] = 3e19  # overflows the second device's unit sums only
+  grads["bias"][:] = 1e19  # each device's partial is finite, their sum is not
+  tx = clipjax.adaptive_grad_clip(0.1, axis_name="d", replicated=REPLICATED)
+  f = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(SPECS, P(), SPECS),
+                            out_specs=(SPECS, P())))
+  state = jax.device_put(tx.init(PARAMS), NamedSharding(mesh, P()))
+  args = (place(grads, SPECS, mesh), state, place(PARAMS, SPECS, mesh))
+  out, new = f(*args)
+  plain = clipjax.adaptive_grad_clip(0.1)
+  expected, expected_state = plain.update(grads, None, PARAMS)
+  assert bool(new.stats.finite) and bool(new.stats.clipped)
+  assert_tree_close(out, expected, rtol=1e-6, what="updates")
+  assert_tree_close(new, expected_state, rtol=1e-6, what="state")
+  assert count_all_reduce(compiled_texts(f, *args)[1]) == 1
