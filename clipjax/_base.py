@@ -123,7 +123,11 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
     raise ValueError(f"{name}={value!r} must be a number") from None
   if array.ndim != 0:
     raise ValueError(f"{name}={value!r} must be a scalar")
-  if not np.issubdtype(array.dtype, np.number):  # bools are not numbers here
+  # jnp.issubdtype: bfloat16 (from inject_hyperparams with bf16 params) is not an
+  # np.number; bools and complex numbers are not thresholds.
+  if jnp.issubdtype(array.dtype, jnp.complexfloating):
+    raise ValueError(f"{name}={value!r} must be a real number")
+  if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
     raise ValueError(f"{name}={value!r} must be a number")
   number = float(array)
   shown = value if isinstance(value, (int, float)) else number

@@ -231,3 +231,35 @@ def test_agc_common_case_reads_each_leaf_once():
   jaxpr = jax.make_jaxpr(lambda g, p: tx.update(g, tx.init(p), p))(g, g).jaxpr
   top = [e.primitive.name for e in jaxpr.eqns]
   assert top.count("reduce_sum") == 4 and top.count("cond") == 1, top  # 2 grads + 2 params
+
+
+# 3. Thresholds of any real dtype --------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", IDS)
+def test_inject_hyperparams_with_bfloat16_params(entry_id):
+  entry = BY_ID[entry_id]
+  tx = optax.inject_hyperparams(entry.make, static_args=entry.static_args)(**entry.kwargs)
+  params = _tree(1.0, jnp.bfloat16, seed=9)
+  out, _ = jax.jit(tx.update)(_tree(50.0, jnp.bfloat16), tx.init(params), params)
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(out))
+
+
+@pytest.mark.loose_promotion
+def test_flax_train_state_with_bfloat16_params():
+  from flax.training import train_state
+  params = _tree(1.0, jnp.bfloat16)
+  tx = optax.chain(optax.inject_hyperparams(clipjax.clip_by_global_norm)(max_norm=1.0),
+                   optax.sgd(0.1))
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, _tree(50.0, jnp.bfloat16))
+  assert state.params["a"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int8, jnp.uint8])
+def test_thresholds_of_every_real_dtype_are_numbers(dtype):
+  one = jnp.asarray(1, dtype)
+  out, _ = clipjax.clip_by_global_norm(one).update({"w": jnp.array([3.0, 4.0])}, None)
+  np.testing.assert_allclose(out["w"], [0.6, 0.8], rtol=1e-6)
+  clipjax.zclip(alpha=jnp.asarray(0.5, dtype) if dtype != jnp.uint8 else 0.5)
+  clipjax.clip(np.asarray(2, dtype))
