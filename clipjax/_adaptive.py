@@ -3,10 +3,14 @@
 Every clipper here measures the update once (:func:`clipjax._norms.measure`,
 one collective under ``axis_name``), computes its threshold from its state,
 and scales with the shared rule of :mod:`clipjax._base`. A step whose measured
-norm is NaN or inf passes through unscaled, reports ``finite`` False, and
-leaves every running statistic of the state (history, moving averages,
-warm-up counters) exactly as it was: one bad step cannot poison the
-threshold of the steps after it.
+norm is NaN or inf passes through unscaled and reports ``finite`` False; a
+step whose norm is zero stays zero. Either leaves every running statistic of
+the state (history, moving averages, warm-up counters) exactly as it was
+(:func:`clipjax._base.norm_transform`): one bad step cannot poison the
+threshold of the steps after it, and zero steps (frozen or masked
+parameters) cannot pull it to 0. Norms enter the float32 state through
+:func:`clipjax._base.f32` (a finite float64 norm stays finite); the scale is
+computed in the norm's dtype.
 """
 
 from typing import Any, NamedTuple
@@ -20,6 +24,7 @@ from . import _norms
 from ._base import ClipStats, Threshold
 
 _F32 = jnp.float32
+_TINY = float(jnp.finfo(_F32).tiny)
 # ZClip's constant in the denominator of the z-score, as in the reference code.
 _ZCLIP_EPS = 1e-6
 
@@ -62,7 +67,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   """AutoClip: clips the global norm at a percentile of its own recent history.
 
   With ``‖g‖`` the global L2 norm of the update and ``H`` the global norms of
-  the last ``history`` finite steps, the current one included::
+  the last ``history`` steps with a finite nonzero norm, the current one
+  included::
 
     threshold = percentile(H, percentile)      # linear interpolation
     g ← g · min(1, threshold / ‖g‖)
@@ -70,7 +76,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   The history is a fixed-size ring buffer (``history`` float32 values). A
   step whose norm is NaN or inf is not recorded: the updates pass through
   unscaled, the buffer, its write position and its fill count stay as they
-  were. Zero updates are recorded (a norm of 0) and stay zero.
+  were. Zero updates stay zero and are not recorded either (recorded, many
+  of them would make the threshold 0).
 
   Args:
     percentile: which percentile of the history is the threshold, in
@@ -122,12 +129,12 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
 
   def step(norms, state):
     norm = norms.total
-    finite = jnp.isfinite(norm)
+    taken = _base.informative(norm)
     length = state.history.shape[0]
-    # The threshold reads the history with this step's norm in it (when finite).
-    buffer = _base.keep(finite, state.history.at[state.position].set(_base.f32(norm)),
-                   state.history)
-    filled = _base.keep(finite, jnp.minimum(_base.next_count(state.filled), length), state.filled)
+    # The threshold reads the history with this step's norm in it (when it is taken).
+    buffer = _base.keep(taken, state.history.at[state.position].set(_base.f32(norm)),
+                        state.history)
+    filled = _base.keep(taken, jnp.minimum(_base.next_count(state.filled), length), state.filled)
     threshold = _percentile(buffer, filled, _base.f32(percentile))
     scale, clipped, finite = _base.scale_rule(norm, threshold)
     return scale, AutoclipState(history=buffer, position=(state.position + 1) % length,
@@ -150,7 +157,7 @@ class ZclipState(NamedTuple):
 
   mean: jax.Array  # [] float32, μ
   var: jax.Array  # [] float32, σ²
-  count: jax.Array  # [] int32, finite steps seen (the warm-up clock; NaN steps do not count)
+  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
   stats: ClipStats
 
 
@@ -159,7 +166,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
           replicated: Any = None) -> optax.GradientTransformation:
   """ZClip: clips global-norm spikes detected by a z-score against moving statistics.
 
-  The first ``warmup_steps`` finite global norms pass unclipped; their mean
+  The first ``warmup_steps`` finite nonzero global norms pass unclipped; their mean
   and population variance initialise ``μ`` and ``σ²``. After that, with
   ``σ = sqrt(σ²)``::
 
@@ -172,8 +179,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   The bigger the spike, the lower its clipped norm. With ``max_norm`` the
   output norm is also capped at ``max_norm`` on every step, warm-up included;
   the cap does not enter the statistics (as in the reference code). A step
-  whose norm is NaN or inf passes through unscaled and changes neither
-  ``μ``, ``σ²`` nor the warm-up count. The statistics report as
+  whose norm is NaN, inf or zero passes through unscaled and changes neither
+  ``μ``, ``σ²`` nor the warm-up count (an all-zero warm-up would leave
+  μ = σ = 0 and clip every later update to 0). The statistics report as
   ``threshold`` the norm the update was clipped to, or, when it was not, the
   norm above which it would have been (``μ + z_thresh·(σ + 1e-6)``, capped by
   ``max_norm``; ``max_norm`` or inf during warm-up).
@@ -181,10 +189,10 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   Args:
     alpha: the moving averages' decay, in ``[0, 1)``. Default 0.97.
     z_thresh: the z-score above which a norm is a spike (> 0). Default 2.5.
-    warmup_steps: how many finite steps initialise the statistics (>= 1).
+    warmup_steps: how many finite nonzero steps initialise the statistics (>= 1).
       Default 25.
     max_norm: optional hard cap on the global norm (a number, scalar array or
-      ``optax.Schedule`` of the finite-step count); ``None`` (default) for none.
+      ``optax.Schedule`` of the warm-up clock ``count``); ``None`` (default) for none.
     axis_name: mapped axis name(s) over which the leaves are sharded; the
       global norm is taken over all shards with one collective.
     replicated: pytree prefix of bools marking leaves that are the same on
@@ -274,7 +282,7 @@ class AdagcState(NamedTuple):
   """
 
   gamma: jax.Array  # [n_leaves] float32, per-tensor reference norms γ_i
-  count: jax.Array  # [] int32, finite steps seen (the warm-up clock; NaN steps do not count)
+  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
   stats: ClipStats
 
 
@@ -283,7 +291,8 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           replicated: Any = None) -> optax.GradientTransformation:
   """AdaGC: per-tensor clipping at a moving average of each tensor's own clipped norm.
 
-  During the first ``warmup_steps`` finite steps the update is clipped to
+  During the first ``warmup_steps`` steps with a finite nonzero global norm
+  the update is clipped to
   global norm ``lambda_abs`` and each tensor (leaf) ``i`` tracks the smallest
   norm it came out with. After warm-up each tensor is clipped on its own::
 
@@ -296,8 +305,8 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   warm-up would set γ_i = 0 and zero that tensor for the rest of training);
   a tensor that has had no nonzero gradient yet (γ_i = inf) is not clipped,
   and its first nonzero ``‖ĝ_i‖`` becomes γ_i. A step whose global norm is
-  NaN or inf passes through unscaled and changes neither γ nor the warm-up
-  count. The statistics report the global norm as ``norm``; as
+  NaN, inf or zero passes through unscaled and changes neither γ nor the
+  warm-up count. The statistics report the global norm as ``norm``; as
   ``threshold`` the largest global norm the update could come out with
   (``lambda_abs`` during warm-up, ``sqrt(Σ_i (lambda_rel·γ_i)²)`` after);
   as ``scale`` the smallest factor applied to a tensor.
@@ -307,7 +316,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     lambda_rel: how far above its γ_i a tensor's norm may go (> 0).
       Default 1.05.
     beta: the decay of the moving averages γ_i, in ``[0, 1)``. Default 0.98.
-    warmup_steps: how many finite steps use global clipping (>= 0).
+    warmup_steps: how many finite nonzero steps use global clipping (>= 0).
       Default 100.
     axis_name: mapped axis name(s) over which the leaves are sharded; the
       per-tensor and global norms are taken over all shards with one
@@ -410,7 +419,9 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   a fraction ``target_quantile`` of the norms is at most ``C``: in the long
   run about ``1 − target_quantile`` of the steps are clipped. The state is one
   number. A step whose norm is NaN or inf passes through unscaled and leaves
-  ``C`` unchanged; a zero update stays zero (and counts as below ``C``).
+  ``C`` unchanged; a zero update stays zero and leaves ``C`` unchanged too
+  (counted as below ``C``, zero steps would shrink it to 0 for good). ``C``
+  stays within float32's normal range.
 
   Args:
     target_quantile: the quantile of the norms to track, in ``(0, 1)``.
@@ -443,8 +454,10 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   """
   _base.check_number("target_quantile", target_quantile, minimum=0.0, maximum=1.0,
                      strict_min=True, strict_max=True, allow_schedule=False)
-  _base.check_number("learning_rate", learning_rate, strict_min=True, allow_schedule=False)
-  _base.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False)
+  _base.check_number("learning_rate", learning_rate, strict_min=True, allow_schedule=False,
+                     finite=True)
+  _base.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False,
+                     finite=True)
 
   def init_fn(params):
     del params
@@ -456,6 +469,8 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
     scale, clipped, finite = _base.scale_rule(norm, c.astype(norm.dtype))
     below = (norm <= c.astype(norm.dtype)).astype(_F32)
     moved = c * jnp.exp(-_base.f32(learning_rate) * (below - _base.f32(target_quantile)))
+    # C stays a positive, finite float32: at 0 or inf it could never move again.
+    moved = _base.saturate(jnp.maximum(moved, _TINY))
     return scale, QuantileClipState(clip_norm=moved,
                                     stats=_base.make_stats(norm, c, scale, clipped, finite))
 

@@ -333,29 +333,40 @@ def saturate(value: jax.Array) -> jax.Array:
   return jnp.clip(value, -_F32_MAX, _F32_MAX)
 
 
-def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-  """``new`` when the step was finite, else ``old`` unchanged (bit for bit)."""
-  return jnp.where(finite, new, old)
+def keep(taken: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """``new`` when the step is taken into the statistics, else ``old`` unchanged (bit for bit)."""
+  return jnp.where(taken, new, old)
 
 
 # (norms of the update, state) -> (scale: scalar or one per leaf, next state)
 _Step = Callable[[_norms.Norms, Any], tuple[jax.Array, Any]]
 
 
+def informative(norm: jax.Array) -> jax.Array:
+  """Whether a step's global norm may enter running statistics: finite and nonzero.
+
+  A NaN or inf norm would poison them; a zero norm (a frozen or masked step)
+  says nothing about the scale of the gradients, and counting it would pull
+  an adaptive threshold towards 0, where it would zero every later update.
+  """
+  return jnp.isfinite(norm) & (norm > 0)
+
+
 def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms.AxisName,
                    replicated: Any) -> optax.GradientTransformation:
   """A clipper whose threshold comes from its state and the L2 norms of the update.
 
-  ``step`` decides the scale and the next state. When the global norm is NaN
-  or inf, every field of the state but ``stats`` is kept as it was.
+  ``step`` decides the scale and the next state. When the global norm is not
+  :func:`informative` (zero, NaN or inf), every field of the state but
+  ``stats`` is kept as it was, bit for bit.
   """
 
   def update_fn(updates, state, params=None):
     del params
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
     scale, new = step(norms, state)
-    finite = jnp.isfinite(norms.total)
-    kept = {field: keep(finite, getattr(new, field), getattr(state, field))
+    taken = informative(norms.total)
+    kept = {field: keep(taken, getattr(new, field), getattr(state, field))
             for field in new._fields if field != "stats"}
     return apply_scale(updates, scale), new._replace(**kept)
 

@@ -263,3 +263,47 @@ def test_thresholds_of_every_real_dtype_are_numbers(dtype):
   np.testing.assert_allclose(out["w"], [0.6, 0.8], rtol=1e-6)
   clipjax.zclip(alpha=jnp.asarray(0.5, dtype) if dtype != jnp.uint8 else 0.5)
   clipjax.clip(np.asarray(2, dtype))
+
+
+# 5, 6. Zero norms leave running statistics alone --------------------------------------
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_zero_steps_leave_running_statistics_untouched(name):
+  tx = BY_ID[name].build()
+  state = _primed(tx, [_tree(1.0 + seed, seed=seed) for seed in range(3)], PARAMS)
+  _, after = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, PARAMS), state, PARAMS)
+  for b, a in zip(jax.tree.leaves(state._replace(stats=None)),
+                  jax.tree.leaves(after._replace(stats=None))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("tx", [clipjax.quantile_clip(), clipjax.zclip(warmup_steps=25),
+                                clipjax.autoclip(10.0, history=64), clipjax.adagc(warmup_steps=5)],
+                         ids=["quantile_clip", "zclip", "autoclip", "adagc"])
+def test_many_zero_steps_do_not_stall_training(tx):
+  """5000 zero steps (quantile_clip reached C = 0 after 4367), then ordinary gradients."""
+  zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+  steps = jnp.stack([jnp.asarray(s) for s in [1.0, 1.1, 0.9] * 10])
+
+  @jax.jit
+  def run(state):
+    state = jax.lax.scan(lambda s, _: (tx.update(zeros, s, PARAMS)[1], None), state, None,
+                         length=5000)[0]
+
+    def step(state, s):
+      out, state = tx.update(jax.tree.map(lambda p: p * s, PARAMS), state, PARAMS)
+      return state, clipjax.global_norm(out)
+
+    return jax.lax.scan(step, state, steps)
+
+  state, norms = run(tx.init(PARAMS))
+  assert float(jnp.min(norms)) > 0.1, norms  # nothing is zeroed after the zero steps
+  if hasattr(state, "clip_norm"):
+    assert float(state.clip_norm) > 0.1
+
+
+def test_quantile_clip_rejects_infinite_rates_and_norms():
+  for kwargs in ({"learning_rate": np.inf}, {"initial_norm": np.inf}):
+    with pytest.raises(ValueError, match="must be finite"):
+      clipjax.quantile_clip(**kwargs)
