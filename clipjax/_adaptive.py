@@ -141,7 +141,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
                                 filled=filled,
                                 stats=_base.make_stats(norm, threshold, scale, clipped, finite))
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(init_fn, step, axis_name, replicated, name="autoclip")
 
 
 # ZClip ------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
                              stats=_base.make_stats(x, boundary, scale, clipped, finite))
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(init_fn, step, axis_name, replicated, name="zclip")
 
 
 # AdaGC ------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     return scales, AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
                               count=_base.next_count(state.count), stats=stats)
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(init_fn, step, axis_name, replicated, name="adagc")
 
 
 # Quantile tracking ------------------------------------------------------------
@@ -474,4 +474,4 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
     return scale, QuantileClipState(clip_norm=moved,
                                     stats=_base.make_stats(norm, c, scale, clipped, finite))
 
-  return _base.norm_transform(init_fn, step, axis_name, replicated)
+  return _base.norm_transform(init_fn, step, axis_name, replicated, name="quantile_clip")

@@ -276,7 +276,25 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
   return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)
 
 
-# The transform shell ------------------------------------------------------------
+# The transform shells -----------------------------------------------------------
+
+
+def check_updates(updates: Any, name: str) -> None:
+  """Raises ``TypeError`` naming the first leaf of ``updates`` that is not floating point.
+
+  The dtype policy for integer and bool gradients: scaling them in their own
+  dtype would truncate (``[3, 4]`` clipped to norm 1 gives ``[0, 0]``), and a
+  clipper never changes the dtype of what it returns, so it refuses them.
+  Both transform shells call this; complex leaves are accepted (their modulus
+  is measured).
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{name}: updates{jax.tree_util.keystr(path)} has dtype {dtype}, but clipping"
+          " needs floating-point updates (cast them, e.g. with .astype(jnp.float32))")
+
 
 # (updates, max threshold, min threshold or None, params) -> (updates, stats)
 Rule = Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, ClipStats]]
@@ -288,8 +306,10 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
 
   Each ``update`` resolves the thresholds at the step count (evaluating a
   schedule), applies ``rule`` and advances the count. ``state_cls`` is a
-  NamedTuple with the fields ``count`` and ``stats``.
+  NamedTuple with the fields ``count`` and ``stats``, registered with
+  :func:`stats_state`.
   """
+  name = _STATE_NAMES.get(state_cls, state_cls.__name__)
 
   def init_fn(params):
     del params
@@ -297,6 +317,7 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
                      stats=initial_stats(initial_threshold(high)))
 
   def update_fn(updates, state, params=None):
+    check_updates(updates, name)
     if state is None:
       state = init_fn(None)
     updates, stats = rule(updates, resolve(high, state.count), resolve(low, state.count),
@@ -353,7 +374,7 @@ def informative(norm: jax.Array) -> jax.Array:
 
 
 def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms.AxisName,
-                   replicated: Any) -> optax.GradientTransformation:
+                   replicated: Any, *, name: str = "clipjax") -> optax.GradientTransformation:
   """A clipper whose threshold comes from its state and the L2 norms of the update.
 
   ``step`` decides the scale and the next state. When the global norm is not
@@ -363,6 +384,7 @@ def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms
 
   def update_fn(updates, state, params=None):
     del params
+    check_updates(updates, name)
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
     scale, new = step(norms, state)
     taken = informative(norms.total)

@@ -307,3 +307,37 @@ def test_quantile_clip_rejects_infinite_rates_and_norms():
   for kwargs in ({"learning_rate": np.inf}, {"initial_norm": np.inf}):
     with pytest.raises(ValueError, match="must be finite"):
       clipjax.quantile_clip(**kwargs)
+
+
+# 7. Integer and bool gradients -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+@pytest.mark.parametrize("entry_id", IDS)
+def test_integer_and_bool_updates_raise_naming_the_leaf(entry_id, dtype):
+  tx = BY_ID[entry_id].build()
+  grads = {"a": jnp.ones((3, 2)), "b": jnp.ones((4,), dtype)}
+  with pytest.raises(TypeError, match=r"updates\['b'\] has dtype"):
+    tx.update(grads, tx.init(PARAMS), PARAMS)
+
+
+def test_clip_with_fractional_delta_does_not_truncate_integers():
+  with pytest.raises(TypeError, match="updates has dtype int32"):
+    clipjax.clip(0.5).update(jnp.array([3, -4]), None)
+
+
+@pytest.mark.loose_promotion
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+def test_per_example_integer_gradients_match_optax(dtype, x64):
+  with jax.enable_x64(x64):
+    grads = [jnp.array([[0.0, -0.5], [3.0, 4.0], [5.0, 6.0], [0.0, 0.0]]),
+             jnp.asarray(np.array([[0], [5], [-3], [1]]).astype(dtype))]
+    for name, arg in (("per_example_global_norm_clip", 1.0),
+                      ("per_example_layer_norm_clip", 1.5)):
+      ours, n_ours = jax.jit(getattr(clipjax, name), static_argnums=1)(grads, arg)
+      theirs, n_theirs = jax.jit(getattr(optax, name), static_argnums=1)(grads, arg)
+      for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+      np.testing.assert_array_equal(jax.tree.leaves(n_ours), jax.tree.leaves(n_theirs))
