@@ -149,6 +149,25 @@ class _Units(NamedTuple):
   ratio: jax.Array  # ‖G‖ / max(‖W‖, eps)
 
 
+def _paired(updates: Any, params: Any) -> tuple[list[jax.Array], list[jax.Array], Any]:
+  """The gradient and parameter leaves, checked to have one structure and equal shapes."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  try:
+    weights = treedef.flatten_up_to(params)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        "adaptive_grad_clip: params must have the structure of the updates;"
+        f" updates: {treedef}, params: {jax.tree.structure(params)}") from err
+  grads = [jnp.asarray(g) for _, g in paths]
+  weights = [jnp.asarray(w) for w in weights]
+  for (path, _), g, w in zip(paths, grads, weights):
+    if g.shape != w.shape:
+      raise ValueError(
+          f"adaptive_grad_clip: at {jax.tree_util.keystr(path) or 'the root'} the update has"
+          f" shape {g.shape} but the parameter has shape {w.shape}")
+  return grads, weights, treedef
+
+
 def _decide(g_norm: jax.Array, w_norm: jax.Array, limit: jax.Array, eps: jax.Array) -> _Units:
   """Scales each unit with ``‖G‖ / max(‖W‖, eps) > limit`` down to that ratio."""
   w_norm = jnp.maximum(w_norm, eps)
@@ -213,7 +232,8 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   Returns:
     An ``optax.GradientTransformation`` whose state is an
     :class:`AdaptiveGradClipState`. Its ``update`` needs ``params`` and raises
-    ``ValueError`` without them.
+    ``ValueError`` without them, or when their structure or a leaf's shape
+    differs from the updates'.
 
   Example:
     >>> import jax.numpy as jnp
@@ -240,9 +260,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     del low
     if params is None:
       raise ValueError(_base.NO_PARAMS_MSG.format(name="adaptive_grad_clip"))
-    grads, treedef = jax.tree.flatten(updates)
-    grads = [jnp.asarray(g) for g in grads]
-    weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
+    grads, weights, treedef = _paired(updates, params)
     axes = [unit_axes(g, axis) for g in grads]
     shared = _norms.replicated_mask(updates, replicated)
     norms = unit_norms(grads + weights, axes * 2, axis_name, shared * 2)

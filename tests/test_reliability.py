@@ -341,3 +341,15 @@ def test_per_example_integer_gradients_match_optax(dtype, x64):
         assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
       np.testing.assert_array_equal(jax.tree.leaves(n_ours), jax.tree.leaves(n_theirs))
+
+
+# 9. AGC parameter shapes ---------------------------------------------------------------
+
+
+def test_agc_rejects_params_of_other_shapes_or_structure():
+  tx = clipjax.adaptive_grad_clip(0.1)
+  grads = {"w": jnp.ones((2,)), "b": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"\['w'\].*shape \(2,\).*shape \(3,\)"):
+    tx.update(grads, tx.init(grads), {"w": jnp.ones((3,)), "b": jnp.ones(3)})
+  with pytest.raises(ValueError, match="structure"):
+    tx.update(grads, tx.init(grads), {"w": jnp.ones((2,))})
