@@ -255,6 +255,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   """
   _base.check_number("clipping", clipping)
   _base.check_number("eps", eps, allow_schedule=False)
+  _norms.check_replicated(replicated)
 
   def rule(updates, limit, low, params):
     del low

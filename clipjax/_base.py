@@ -381,6 +381,7 @@ def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms
   :func:`informative` (zero, NaN or inf), every field of the state but
   ``stats`` is kept as it was, bit for bit.
   """
+  _norms.check_replicated(replicated)
 
   def update_fn(updates, state, params=None):
     del params

@@ -37,6 +37,8 @@ def check_ord(ord: Any) -> Any:  # noqa: A002 - ``ord`` is the name optax and to
   if isinstance(ord, str) and ord.lower() in ("inf", "infinity"):
     return float("inf")
   try:
+    if np.asarray(ord).dtype.kind in "bcOSU":  # True would read as 1, 1+0j as 1
+      raise TypeError
     value = float(ord)
   except (TypeError, ValueError):
     raise ValueError(f"{ord=} must be 1, 2 or inf") from None
@@ -223,8 +225,25 @@ def _local_partials(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype,
   return jnp.stack([plain, shrunk, grown])
 
 
+def check_replicated(replicated: Any) -> None:
+  """Raises unless ``replicated`` is ``None``, a bool, or a pytree whose leaves are Python bools.
+
+  Called when a transform is built, so a bad value is caught with or without
+  ``axis_name``; :func:`replicated_mask` checks that it is a prefix of the
+  updates.
+  """
+  if replicated is None or isinstance(replicated, bool):
+    return
+  flags = jax.tree.leaves(replicated)
+  if not all(isinstance(f, bool) for f in flags):
+    raise ValueError(
+        f"replicated={replicated!r} must be a bool or a pytree prefix of the updates"
+        " holding Python bools, one per leaf or subtree")
+
+
 def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
   """Expands the pytree prefix ``replicated`` to one bool per leaf of ``tree``."""
+  check_replicated(replicated)
   n = len(jax.tree.leaves(tree))
   if replicated is None:
     return [False] * n

@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _base
 from . import _norms
@@ -118,10 +119,10 @@ def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.Arra
   _base.check_number("global_l2_norm_clip", global_l2_norm_clip, allow_schedule=False)
   leaves = _check_batch_dim(grads, "per_example_layer_norm_clip")
   treedef = jax.tree.structure(grads)
-  if uniform:
+  sizes = [int(np.prod(g.shape[1:])) for g in leaves]
+  if uniform or sum(sizes) == 0:  # no element at all: every split gives the same (empty) sums
     fractions = [1.0 / len(leaves)] * len(leaves)
   else:
-    sizes = [g[0].size for g in leaves]
     fractions = [size / sum(sizes) for size in sizes]
   sums, counts = [], []
   for g, fraction in zip(leaves, fractions):

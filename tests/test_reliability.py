@@ -4,6 +4,8 @@ Each test pins one policy of docs/design.md; the cross-device ones are in
 test_reliability_sharded.py. Updates run jitted (one compilation per case).
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,3 +355,57 @@ def test_agc_rejects_params_of_other_shapes_or_structure():
     tx.update(grads, tx.init(grads), {"w": jnp.ones((3,)), "b": jnp.ones(3)})
   with pytest.raises(ValueError, match="structure"):
     tx.update(grads, tx.init(grads), {"w": jnp.ones((2,))})
+
+
+# 10. Argument checks ---------------------------------------------------------------------
+
+
+def _with_argument(argument):
+  return [name for name in clipjax.__all__ if callable(getattr(clipjax, name))
+          and not isinstance(getattr(clipjax, name), type)
+          and argument in inspect.signature(getattr(clipjax, name)).parameters]
+
+
+def test_complex_threshold_names_the_argument():
+  with pytest.raises(ValueError, match=r"max_norm=\(1\+0j\) must be a real number"):
+    clipjax.clip_by_global_norm(1 + 0j)
+
+
+@pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_global_norm", "global_norm"])
+def test_bool_ord_is_rejected(name):
+  with pytest.raises(ValueError, match="ord=True"):
+    if name == "global_norm":
+      clipjax.global_norm({"a": jnp.ones(2)}, ord=True)
+    else:
+      getattr(clipjax, name)(1.0, ord=True)
+
+
+def test_floors_must_be_finite():
+  for build in (lambda: clipjax.clip_by_global_norm(np.inf, min_norm=np.inf),
+                lambda: clipjax.clip_by_norm(np.inf, min_norm=np.inf),
+                lambda: clipjax.clip(np.inf, min_delta=np.inf)):
+    with pytest.raises(ValueError, match="must be finite"):
+      build()
+
+
+@pytest.mark.parametrize("name", _with_argument("replicated"))
+def test_replicated_must_hold_bools_for_every_transform(name):
+  factory = getattr(clipjax, name)
+  with pytest.raises(ValueError, match="replicated='yes'"):
+    if name in ("global_norm", "leaf_norms"):
+      factory({"a": jnp.ones(2)}, replicated="yes")
+    elif name in ("clip_by_norm", "clip_by_global_norm", "clip_by_block_rms",
+                  "adaptive_grad_clip"):
+      factory(0.5, replicated="yes")
+    else:
+      factory(replicated="yes")
+
+
+def test_layer_norm_clip_of_zero_size_leaves_is_defined():
+  clip = jax.jit(clipjax.per_example_layer_norm_clip, static_argnums=(1, 2))
+  for uniform in (True, False):
+    sums, counts = clip([jnp.ones((3, 0)), jnp.ones((3, 0, 2))], 1.0, uniform)
+    assert [s.shape for s in sums] == [(0,), (0, 2)]
+    assert [int(c) for c in counts] == [0, 0]
+  sums, _ = clip([jnp.ones((3, 0)), jnp.ones((3, 4))], 2.0, False)
+  np.testing.assert_allclose(sums[1], 3.0, rtol=1e-6)  # each example (norm 2) is kept
