@@ -296,6 +296,12 @@ def check_updates(updates: Any, name: str) -> None:
           " needs floating-point updates (cast them, e.g. with .astype(jnp.float32))")
 
 
+def _state_needed(name: str) -> str:
+  return (f"{name}: state=None is not accepted here, because the result depends on the"
+          " state; thread it through: state = tx.init(params), then"
+          " updates, state = tx.update(grads, state, params) on every step")
+
+
 # (updates, max threshold, min threshold or None, params) -> (updates, stats)
 Rule = Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, ClipStats]]
 
@@ -307,9 +313,12 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
   Each ``update`` resolves the thresholds at the step count (evaluating a
   schedule), applies ``rule`` and advances the count. ``state_cls`` is a
   NamedTuple with the fields ``count`` and ``stats``, registered with
-  :func:`stats_state`.
+  :func:`stats_state`. ``state=None`` is accepted when no threshold is a
+  schedule (the result cannot depend on the state, and optax's own tests call
+  stateless clippers that way); with a schedule it raises ``ValueError``.
   """
   name = _STATE_NAMES.get(state_cls, state_cls.__name__)
+  stateless = not (is_schedule(high) or is_schedule(low))
 
   def init_fn(params):
     del params
@@ -319,6 +328,8 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
   def update_fn(updates, state, params=None):
     check_updates(updates, name)
     if state is None:
+      if not stateless:
+        raise ValueError(_state_needed(name) + " (a scheduled threshold reads its step count)")
       state = init_fn(None)
     updates, stats = rule(updates, resolve(high, state.count), resolve(low, state.count),
                           params)
@@ -379,13 +390,16 @@ def norm_transform(init_fn: Callable[[Any], Any], step: _Step, axis_name: _norms
 
   ``step`` decides the scale and the next state. When the global norm is not
   :func:`informative` (zero, NaN or inf), every field of the state but
-  ``stats`` is kept as it was, bit for bit.
+  ``stats`` is kept as it was, bit for bit. The state must be threaded
+  through: ``state=None`` raises ``ValueError``.
   """
   _norms.check_replicated(replicated)
 
   def update_fn(updates, state, params=None):
     del params
     check_updates(updates, name)
+    if state is None:
+      raise ValueError(_state_needed(name) + " (it keeps running statistics)")
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated)
     scale, new = step(norms, state)
     taken = informative(norms.total)

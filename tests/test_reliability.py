@@ -409,3 +409,22 @@ def test_layer_norm_clip_of_zero_size_leaves_is_defined():
     assert [int(c) for c in counts] == [0, 0]
   sums, _ = clip([jnp.ones((3, 0)), jnp.ones((3, 4))], 2.0, False)
   np.testing.assert_allclose(sums[1], 3.0, rtol=1e-6)  # each example (norm 2) is kept
+
+
+# 11. state=None ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", [e for e in IDS if e != "clipped"])  # clipped: an optax chain
+def test_state_none_only_where_the_result_cannot_depend_on_state(entry_id):
+  entry = BY_ID[entry_id]
+  tx = entry.build()
+  grads = _tree(50.0)
+  if entry_id in ADAPTIVE:
+    with pytest.raises(ValueError, match="thread"):
+      tx.update(grads, None, PARAMS)
+    return
+  tx.update(grads, None, PARAMS)  # a fixed number: accepted
+  name, value = entry.hyper
+  scheduled = entry.build(**{name: optax.constant_schedule(value)})
+  with pytest.raises(ValueError, match="thread"):
+    scheduled.update(grads, None, PARAMS)
