@@ -3,10 +3,14 @@
 Every clipper here measures the update once (:func:`clipjax._norms.measure`,
 one collective under ``axis_name``), computes its threshold from its state,
 and scales with the shared rule of :mod:`clipjax._base`. A step whose measured
-norm is NaN or inf passes through unscaled, reports ``finite`` False, and
-leaves every running statistic of the state (history, moving averages,
-warm-up counters) exactly as it was: one bad step cannot poison the
-threshold of the steps after it.
+norm is NaN or inf passes through unscaled and reports ``finite`` False; a
+step whose norm is zero stays zero. Either leaves every running statistic of
+the state (history, moving averages, warm-up counters) exactly as it was
+(:func:`clipjax._base.norm_transform`): one bad step cannot poison the
+threshold of the steps after it, and zero steps (frozen or masked
+parameters) cannot pull it to 0. Norms enter the float32 state through
+:func:`clipjax._base.f32` (a finite float64 norm stays finite); the scale is
+computed in the norm's dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from . import _norms
 from ._base import ClipStats, Threshold
 
 _F32 = jnp.float32
+_TINY = float(jnp.finfo(_F32).tiny)
 
 
 # AutoClip ---------------------------------------------------------------------
@@ -63,7 +68,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   """AutoClip: clips the global norm at a percentile of its own recent history.
 
   With ``‖g‖`` the global L2 norm of the update and ``H`` the global norms of
-  the last ``history`` finite steps, the current one included::
+  the last ``history`` steps with a finite nonzero norm, the current one
+  included::
 
     threshold = percentile(H, percentile)      # linear interpolation
     g ← g · min(1, threshold / ‖g‖)
@@ -71,7 +77,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   The history is a fixed-size ring buffer (``history`` float32 values). A
   step whose norm is NaN or inf is not recorded: the updates pass through
   unscaled, the buffer, its write position and its fill count stay as they
-  were. Zero updates are recorded (a norm of 0) and stay zero.
+  were. Zero updates stay zero and are not recorded either (recorded, many
+  of them would make the threshold 0).
 
   Args:
     percentile: which percentile of the history is the threshold, in
@@ -125,12 +132,12 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
 
   def step(norms, state):
     norm = norms.total
-    finite = jnp.isfinite(norm)
+    taken = _base.informative(norm)
     length = state.history.shape[0]
-    # The threshold reads the history with this step's norm in it (when finite).
-    buffer = _base.keep(finite, state.history.at[state.position].set(norm.astype(_F32)),
-                   state.history)
-    filled = _base.keep(finite, jnp.minimum(_base.next_count(state.filled), length), state.filled)
+    # The threshold reads the history with this step's norm in it (when it is taken).
+    buffer = _base.keep(taken, state.history.at[state.position].set(_base.f32(norm)),
+                        state.history)
+    filled = _base.keep(taken, jnp.minimum(_base.next_count(state.filled), length), state.filled)
     threshold = _percentile(buffer, filled, _base.f32(percentile))
     scale, clipped, finite = _base.scale_rule(norm, threshold)
     return scale, AutoclipState(history=buffer, position=(state.position + 1) % length,
@@ -154,7 +161,7 @@ class ZclipState(NamedTuple):
 
   mean: jax.Array  # [] float32, μ
   var: jax.Array  # [] float32, σ²
-  count: jax.Array  # [] int32, finite steps seen (the warm-up clock; NaN steps do not count)
+  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
   stats: ClipStats
 
 
@@ -171,7 +178,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
           name: str | None = None) -> optax.GradientTransformation:
   """ZClip: clips global-norm spikes detected by a z-score against moving statistics.
 
-  The first ``warmup_steps`` finite global norms pass unclipped; their mean
+  The first ``warmup_steps`` finite nonzero global norms pass unclipped; their mean
   and population variance initialise ``μ`` and ``σ²``. After that, with
   ``σ = sqrt(σ²)`` and ``z = (‖g‖ − μ) / (σ + eps)``, a spike is scaled to
   norm ``ĝ`` and the statistics follow the effective norm::
@@ -190,8 +197,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   With ``skip_update_on_spike`` a spike leaves ``μ`` and ``σ²`` as they were.
   With ``max_norm`` the output norm is also capped at ``max_norm`` on every
   step, warm-up included; the cap does not enter the statistics. A step whose
-  norm is NaN or inf passes through unscaled and changes neither ``μ``,
-  ``σ²`` nor the warm-up count. The statistics report as ``threshold`` the
+  norm is NaN, inf or zero passes through unscaled and changes neither ``μ``,
+  ``σ²`` nor the warm-up count (an all-zero warm-up would leave μ = σ = 0 and
+  clip every later update to 0). The statistics report as ``threshold`` the
   norm the update was clipped to, or, when it was not, the norm above which
   it would have been (capped by ``max_norm``; ``max_norm`` or inf during
   warm-up).
@@ -207,7 +215,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   Args:
     alpha: the moving averages' decay, in ``[0, 1)``. Default 0.97.
     z_thresh: the z-score above which a norm is a spike (> 0). Default 2.5.
-    warmup_steps: how many finite steps initialise the statistics (>= 1).
+    warmup_steps: how many finite nonzero steps initialise the statistics (>= 1).
       Default 25.
     max_norm: optional hard cap on the global norm (a number, scalar array or
       ``optax.Schedule`` of the finite-step count); ``None`` (default) for none.
@@ -259,49 +267,55 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                       count=jnp.zeros((), jnp.int32),
                       stats=_base.initial_stats(_base.initial_threshold(max_norm)))
 
-  def thresholds(x, state, warm):
+  # The rule runs in the norm's dtype (float64 under x64, so a norm beyond
+  # float32's range is still clipped); the state keeps float32.
+  def thresholds(x, mean, var, warm):
     """(whether ``x`` is a spike; the norm it is clipped to; the norm reported as ``threshold``)."""
-    zt, e = _base.f32(z_thresh), _base.f32(eps)
-    std = jnp.sqrt(state.var)
+    zt, e = _base.f32(z_thresh).astype(x.dtype), _base.f32(eps).astype(x.dtype)
+    std = _norms.safe_sqrt(var)
     if mode == "percentile":
-      bound = state.mean + zt * std
+      bound = mean + zt * std
       spike, target = ~warm & (x > bound), bound
     else:
-      bound = state.mean + zt * (std + e)
-      z = (x - state.mean) / (std + e)
+      bound = mean + zt * (std + e)
+      z = (x - mean) / (std + e)
       spike = ~warm & (z > zt)
-      target = state.mean if clip_option == "mean" else (
-          _base.f32(clip_factor) * (state.mean + zt * zt / jnp.where(spike, z, 1.0) * std))
+      factor = _base.f32(clip_factor).astype(x.dtype)
+      target = mean if clip_option == "mean" else (
+          factor * (mean + zt * zt / jnp.where(spike, z, 1.0) * std))
     return spike, target, jnp.where(warm, jnp.inf, jnp.where(spike, target, bound))
 
-  def moments(x, g_hat, state, warm):
+  def moments(x, g_hat, mean, var, count, warm):
     """The next ``(μ, σ²)``: Welford's running values in warm-up, then EMAs of ``ĝ``."""
-    a = _base.f32(alpha)
-    k = (state.count + 1).astype(_F32)
-    delta = x - state.mean
-    warm_mean = state.mean + delta / k
-    warm_var = state.var + (delta * (x - warm_mean) - state.var) / k
-    ema_mean = a * state.mean + (1.0 - a) * g_hat
-    ema_var = a * state.var + (1.0 - a) * jnp.square(g_hat - ema_mean)
-    return jnp.where(warm, warm_mean, ema_mean), jnp.where(warm, warm_var, ema_var)
+    a = _base.f32(alpha).astype(x.dtype)
+    k = (count + 1).astype(x.dtype)
+    delta = x - mean
+    warm_mean = mean + delta / k
+    warm_var = var + (delta * (x - warm_mean) - var) / k
+    ema_mean = a * mean + (1.0 - a) * g_hat
+    ema_var = a * var + (1.0 - a) * jnp.square(g_hat - ema_mean)
+    return (_base.saturate(_base.f32(jnp.where(warm, warm_mean, ema_mean))),
+            _base.saturate(_base.f32(jnp.where(warm, warm_var, ema_var))))
 
   def step(norms, state):
-    norm = norms.total
-    x = norm.astype(_F32)
+    x = norms.total
+    mean, var = state.mean.astype(x.dtype), state.var.astype(x.dtype)
     warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
-    spike, target, boundary = thresholds(x, state, warm)
+    spike, target, boundary = thresholds(x, mean, var, warm)
     adaptive = jnp.where(spike, target, jnp.inf)
     high = adaptive
     cap = _base.resolve(max_norm, state.count)
     if cap is not None:
-      high = jnp.minimum(adaptive, cap.astype(_F32))
-      boundary = jnp.minimum(boundary, cap.astype(_F32))
-    scale, clipped, finite = _base.scale_rule(norm, high.astype(norm.dtype))
-    mean, var = moments(x, jnp.minimum(x, adaptive), state, warm)
+      high = jnp.minimum(adaptive, cap.astype(x.dtype))
+      boundary = jnp.minimum(boundary, cap.astype(x.dtype))
+    scale, clipped, finite = _base.scale_rule(x, high)
+    new_mean, new_var = moments(x, jnp.minimum(x, adaptive), mean, var, state.count, warm)
     if skip_update_on_spike:
-      mean, var = jnp.where(spike, state.mean, mean), jnp.where(spike, state.var, var)
+      new_mean = jnp.where(spike, state.mean, new_mean)
+      new_var = jnp.where(spike, state.var, new_var)
+    mean, var = new_mean, new_var
     return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
-                             stats=_base.make_stats(norm, boundary, scale, clipped, finite))
+                             stats=_base.make_stats(x, boundary, scale, clipped, finite))
 
   return _base.norm_transform(_base.named_state(ZclipState, name), init_fn, step, axis_name,
                               replicated)
@@ -320,7 +334,7 @@ class AdagcState(NamedTuple):
   """
 
   gamma: jax.Array  # [n_tensors] float32, per-tensor reference norms γ_i
-  count: jax.Array  # [] int32, finite steps seen (the warm-up clock; NaN steps do not count)
+  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
   stats: ClipStats
 
 
@@ -330,7 +344,8 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           name: str | None = None) -> optax.GradientTransformation:
   """AdaGC: per-tensor clipping at a moving average of each tensor's own clipped norm.
 
-  During the first ``warmup_steps`` finite steps the update is clipped to
+  During the first ``warmup_steps`` steps with a finite nonzero global norm
+  the update is clipped to
   global norm ``lambda_abs`` and each tensor (leaf) ``i`` tracks the smallest
   norm it came out with. After warm-up each tensor is clipped on its own::
 
@@ -343,8 +358,8 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   warm-up would set γ_i = 0 and zero that tensor for the rest of training);
   a tensor that has had no nonzero gradient yet (γ_i = inf) is not clipped,
   and its first nonzero ``‖ĝ_i‖`` becomes γ_i. A step whose global norm is
-  NaN or inf passes through unscaled and changes neither γ nor the warm-up
-  count. The statistics report the global norm as ``norm``; as
+  NaN, inf or zero passes through unscaled and changes neither γ nor the
+  warm-up count. The statistics report the global norm as ``norm``; as
   ``threshold`` the largest global norm the update could come out with
   (``lambda_abs`` during warm-up, ``sqrt(Σ_i (lambda_rel·γ_i)²)`` after);
   as ``scale`` the smallest factor applied to a tensor.
@@ -354,7 +369,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     lambda_rel: how far above its γ_i a tensor's norm may go (> 0).
       Default 1.05.
     beta: the decay of the moving averages γ_i, in ``[0, 1)``. Default 0.98.
-    warmup_steps: how many finite steps use global clipping (>= 0).
+    warmup_steps: how many finite nonzero steps use global clipping (>= 0).
       Default 100.
     axis_name: mapped axis name(s) over which the leaves are sharded; the
       per-tensor and global norms are taken over all shards with one
@@ -404,8 +419,9 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   def tracked(gamma, leaf_norms, clipped_norms, warm):
     """The next γ: the smallest clipped norm in warm-up, then its EMA; zero norms skip."""
     b = _base.f32(beta)
-    moving = jnp.where(jnp.isfinite(gamma), b * gamma + (1.0 - b) * clipped_norms,
-                       clipped_norms)
+    clipped_norms = _base.f32(clipped_norms)
+    moving = jnp.where(jnp.isfinite(gamma),
+                       _base.saturate(b * gamma + (1.0 - b) * clipped_norms), clipped_norms)
     new = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
     return jnp.where(leaf_norms > 0, new, gamma)
 
@@ -415,19 +431,23 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           f"adagc: the state tracks {state.gamma.shape[0]} tensors but the updates have"
           f" {norms.leaves.shape[0]} leaves; call init with the parameters (a tree of the"
           " updates' structure).")
-    leaf_norms = norms.leaves.astype(_F32)
+    # The scales are computed in the norms' dtype (float64 under x64), so a norm
+    # beyond float32's range is still clipped.
+    leaf_norms, acc = norms.leaves, norms.leaves.dtype
     warm = state.count < jnp.asarray(warmup_steps).astype(jnp.int32)
     lam_abs = _base.f32(lambda_abs)
-    global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(norms.total.dtype))
+    global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(acc))
     relative = _base.f32(lambda_rel) * state.gamma  # inf for a tensor without history: not clipped
-    leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative)
-    scales = jnp.where(warm, global_scale.astype(_F32), leaf_scales)
-    scales = jnp.where(finite, scales, jnp.ones((), _F32))
-    threshold = jnp.where(warm, lam_abs, jnp.sqrt(jnp.sum(jnp.square(relative))))
+    leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative.astype(acc))
+    scales = jnp.where(warm, global_scale, leaf_scales)
+    scales = jnp.where(finite, scales, jnp.ones((), acc))
+    bound = _norms.global_norm(relative.astype(acc))  # overflow-safe, like every norm
+    threshold = jnp.where(warm, lam_abs.astype(acc), bound)
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)
-    return (scales, norms.layout), AdagcState(gamma=tracked(state.gamma, leaf_norms, scales * leaf_norms, warm),
-                              count=_base.next_count(state.count), stats=stats)
+    gamma = tracked(state.gamma, leaf_norms, scales * leaf_norms, warm)
+    return (scales, norms.layout), AdagcState(gamma=gamma, count=_base.next_count(state.count),
+                                              stats=stats)
 
   return _base.norm_transform(_base.named_state(AdagcState, name), init_fn, step, axis_name,
                               replicated, layer_axis, per_leaf=True)
@@ -460,7 +480,9 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   a fraction ``target_quantile`` of the norms is at most ``C``: in the long
   run about ``1 − target_quantile`` of the steps are clipped. The state is one
   number. A step whose norm is NaN or inf passes through unscaled and leaves
-  ``C`` unchanged; a zero update stays zero (and counts as below ``C``).
+  ``C`` unchanged; a zero update stays zero and leaves ``C`` unchanged too
+  (counted as below ``C``, zero steps would shrink it to 0 for good). ``C``
+  stays within float32's normal range.
 
   Args:
     target_quantile: the quantile of the norms to track, in ``(0, 1)``.
@@ -495,8 +517,10 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   """
   _base.check_number("target_quantile", target_quantile, minimum=0.0, maximum=1.0,
                      strict_min=True, strict_max=True, allow_schedule=False)
-  _base.check_number("learning_rate", learning_rate, strict_min=True, allow_schedule=False)
-  _base.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False)
+  _base.check_number("learning_rate", learning_rate, strict_min=True, allow_schedule=False,
+                     finite=True)
+  _base.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False,
+                     finite=True)
 
   def init_fn(params):
     del params
@@ -506,8 +530,10 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   def step(norms, state):
     norm, c = norms.total, state.clip_norm
     scale, clipped, finite = _base.scale_rule(norm, c.astype(norm.dtype))
-    below = (norm.astype(_F32) <= c).astype(_F32)
+    below = (norm <= c.astype(norm.dtype)).astype(_F32)
     moved = c * jnp.exp(-_base.f32(learning_rate) * (below - _base.f32(target_quantile)))
+    # C stays a positive, finite float32: at 0 or inf it could never move again.
+    moved = _base.saturate(jnp.maximum(moved, _TINY))
     return scale, QuantileClipState(clip_norm=moved,
                                     stats=_base.make_stats(norm, c, scale, clipped, finite))
 

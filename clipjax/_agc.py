@@ -64,10 +64,50 @@ def slice_unit_axes(x: jax.Array, axis: Axes, layer: int | None) -> tuple[int, .
   return tuple(a + (a >= layer) for a in axes)
 
 
-def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype) -> jax.Array:
-  """The sum of squares of each unit of ``x`` in ``acc``, reduced over ``axes`` with ``keepdims``."""
+def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype,
+                 factor: float = 1.0) -> jax.Array:
+  """The sum of squares of each unit of ``x * factor`` in ``acc``, over ``axes`` with ``keepdims``."""
   x = _xla.to_square(x, acc)
+  if factor != 1.0:
+    x = x * _xla.opaque(factor, acc)
   return jnp.sum(x * x, axis=axes, keepdims=True)
+
+
+def _reduce_rows(rows: list[jax.Array], axis_name: _norms.AxisName,
+                 shared: Sequence[bool]) -> list[jax.Array]:
+  """Adds every array of ``rows`` over the devices with one collective (``shared``: count once)."""
+  sizes = [r.size for r in rows]
+  flat = _norms.all_reduce(jnp.concatenate([r.ravel() for r in rows]), axis_name,
+                           shared=np.repeat(np.asarray(shared, bool), sizes))
+  starts = np.cumsum([0] + sizes)
+  return [flat[s:s + r.size].reshape(r.shape) for s, r in zip(starts, rows)]
+
+
+def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
+               axis_name: _norms.AxisName = None,
+               shared: Sequence[bool] | None = None) -> list[jax.Array]:
+  """The L2 norm of every unit of every leaf (reduced over its ``axes``, with ``keepdims``).
+
+  Overflow-safe as :func:`clipjax.global_norm`, through the rescue of
+  ``_norms``: each leaf is read once for its plain unit sums; only when one
+  of them overflowed on this device does a local ``lax.cond`` reread the
+  leaves on ``x * 2**-k``. With ``axis_name`` the plain and shrunk sums of all
+  leaves are added over the devices with one collective, ``shared`` leaves
+  (replicated) counted once.
+  """
+  acc = _norms.accumulation_dtype(leaves)
+  plain = [unit_squares(x, a, acc) for x, a in zip(leaves, axes)]
+
+  def reread(factor):
+    return [unit_squares(x, a, acc, factor) for x, a in zip(leaves, axes)]
+
+  shrunk, _ = _norms.rescued(plain, reread, acc, 2,
+                             overflow=_norms.can_overflow(leaves, acc), underflow=False)
+  if axis_name is not None and plain:
+    flags = list(shared) if shared is not None else [False] * len(leaves)
+    rows = _reduce_rows(plain + shrunk, axis_name, flags * 2)
+    plain, shrunk = rows[:len(plain)], rows[len(plain):]
+  return [_norms.root(p, q, None, 2) for p, q in zip(plain, shrunk)]
 
 
 def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
@@ -89,8 +129,8 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
   axes follow optax's layer conventions: scalars and vectors are one unit,
   rank 2 and 3 reduce axis 0 (``(in, out)`` kernels), rank 4 reduces
   ``(0, 1, 2)`` (HWIO convolutions), rank 5 ``(0, 1, 2, 3)``. The sum of
-  squares accumulates in float32 (float64 under x64); the result has the
-  accumulation dtype.
+  squares accumulates in float32 (float64 under x64), overflow-safe as
+  :func:`clipjax.global_norm`; the result has the accumulation dtype.
 
   Args:
     x: an array.
@@ -107,8 +147,7 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
            [5., 1.]], dtype=float32)
   """
   x = jnp.asarray(x)
-  squared = unit_squares(x, unit_axes(x, axis), _norms.accumulation_dtype([x]))
-  return jnp.broadcast_to(jnp.sqrt(squared), x.shape)
+  return jnp.broadcast_to(unit_norms([x], [unit_axes(x, axis)])[0], x.shape)
 
 
 # AGC ------------------------------------------------------------------------------
@@ -123,29 +162,28 @@ class _Units(NamedTuple):
   ratio: jax.Array  # ‖G‖ / max(‖W‖, eps)
 
 
-def _unit_sums(grads: list[jax.Array], weights: list[jax.Array], axis: Axes,
-               axis_name: _norms.AxisName, replicated: Any, layer_axis: Any, tree: Any
-               ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Per-unit sums of squares of gradients and parameters, over all devices of ``axis_name``."""
-  acc = _norms.accumulation_dtype(grads + weights)
-  layers = _norms.layout(tree, layer_axis).layers
-  axes = [slice_unit_axes(g, axis, layer) for g, layer in zip(grads, layers)]
-  squares = ([unit_squares(g, a, acc) for g, a in zip(grads, axes)]
-             + [unit_squares(w, a, acc) for w, a in zip(weights, axes)])
-  if axis_name is not None and squares:
-    flags = _norms.replicated_mask(tree, replicated) * 2
-    flat = _norms.all_reduce(jnp.concatenate([q.ravel() for q in squares]), axis_name,
-                             shared=np.repeat(np.asarray(flags, bool), [q.size for q in squares]))
-    starts = np.cumsum([0] + [q.size for q in squares])
-    squares = [flat[s:s + q.size].reshape(q.shape) for s, q in zip(starts, squares)]
-  n = len(grads)
-  return squares[:n], squares[n:]
+def _paired(updates: Any, params: Any) -> tuple[list[jax.Array], list[jax.Array], Any]:
+  """The gradient and parameter leaves, checked to have one structure and equal shapes."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  try:
+    weights = treedef.flatten_up_to(params)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        "adaptive_grad_clip: params must have the structure of the updates;"
+        f" updates: {treedef}, params: {jax.tree.structure(params)}") from err
+  grads = [jnp.asarray(g) for _, g in paths]
+  weights = [jnp.asarray(w) for w in weights]
+  for (path, _), g, w in zip(paths, grads, weights):
+    if g.shape != w.shape:
+      raise ValueError(
+          f"adaptive_grad_clip: at {jax.tree_util.keystr(path) or 'the root'} the update has"
+          f" shape {g.shape} but the parameter has shape {w.shape}")
+  return grads, weights, treedef
 
 
-def _decide(g_sq: jax.Array, w_sq: jax.Array, limit: jax.Array, eps: jax.Array) -> _Units:
+def _decide(g_norm: jax.Array, w_norm: jax.Array, limit: jax.Array, eps: jax.Array) -> _Units:
   """Scales each unit with ``‖G‖ / max(‖W‖, eps) > limit`` down to that ratio."""
-  g_norm = jnp.sqrt(g_sq)
-  w_norm = jnp.maximum(jnp.sqrt(w_sq), eps)
+  w_norm = jnp.maximum(w_norm, eps)
   scale, clipped, finite = _base.scale_rule(g_norm, limit * w_norm)
   positive = w_norm > 0
   ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), g_norm.dtype)),
@@ -177,8 +215,9 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     G_i ← G_i · clipping · max(‖W_i‖, eps) / ‖G_i‖   if ‖G_i‖ / max(‖W_i‖, eps) > clipping
     G_i ← G_i                                         otherwise
 
-  Norms are Frobenius norms accumulated in float32 (float64 under x64); the
-  result equals ``optax.adaptive_grad_clip``. A unit whose gradient is zero
+  Norms are Frobenius norms accumulated in float32 (float64 under x64) and
+  overflow-safe (a float32 gradient of 1e20 is clipped); the result equals
+  ``optax.adaptive_grad_clip``. A unit whose gradient is zero
   stays zero; a unit whose gradient norm is NaN or inf passes through
   unscaled (``finite`` False). The statistics in the state report the largest
   ratio ``‖G_i‖ / max(‖W_i‖, eps)`` as ``norm`` and ``clipping`` as
@@ -214,7 +253,8 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   Returns:
     An ``optax.GradientTransformation`` whose state is an
     :class:`AdaptiveGradClipState`. Its ``update`` needs ``params`` and raises
-    ``ValueError`` without them.
+    ``ValueError`` without them, or when their structure or a leaf's shape
+    differs from the updates'.
 
   Example:
     >>> import jax.numpy as jnp
@@ -236,18 +276,20 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   """
   _base.check_number("clipping", clipping)
   _base.check_number("eps", eps, allow_schedule=False)
+  _norms.check_replicated(replicated)
 
   def rule(updates, limit, low, params):
     del low
     if params is None:
       raise ValueError(_base.NO_PARAMS_MSG.format(name="adaptive_grad_clip"))
-    grads, treedef = jax.tree.flatten(updates)
-    grads = [jnp.asarray(g) for g in grads]
-    weights = [jnp.asarray(w) for w in treedef.flatten_up_to(params)]
-    g_sq, w_sq = _unit_sums(grads, weights, axis, axis_name, replicated, layer_axis, updates)
+    grads, weights, treedef = _paired(updates, params)
+    layers = _norms.layout(updates, layer_axis).layers
+    axes = [slice_unit_axes(g, axis, layer) for g, layer in zip(grads, layers)]
+    shared = _norms.replicated_mask(updates, replicated)
+    norms = unit_norms(grads + weights, axes * 2, axis_name, shared * 2)
     acc = _norms.accumulation_dtype(grads + weights)
     units = [_decide(g, w, jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc))
-             for g, w in zip(g_sq, w_sq)]
+             for g, w in zip(norms[:len(grads)], norms[len(grads):])]
     out = [_base.scale_leaf(g, u.scale) for g, u in zip(grads, units)]
     return jax.tree.unflatten(treedef, out), _summary(units, limit)
 

@@ -106,7 +106,7 @@ def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
   """Statistics before the first step: nothing measured, nothing clipped."""
   return ClipStats(
       norm=jnp.zeros((), jnp.float32),
-      threshold=jnp.asarray(threshold).astype(jnp.float32),
+      threshold=f32(threshold),
       scale=jnp.ones((), jnp.float32),
       clipped=jnp.zeros((), jnp.bool_),
       finite=jnp.ones((), jnp.bool_),
@@ -115,11 +115,11 @@ def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
 
 def make_stats(norm: jax.Array, threshold: jax.typing.ArrayLike, scale: jax.Array,
                clipped: jax.Array, finite: jax.Array) -> ClipStats:
-  """Statistics of one step, cast to the dtypes the state keeps."""
+  """Statistics of one step, cast to the dtypes the state keeps (see :func:`f32`)."""
   return ClipStats(
-      norm=jnp.asarray(norm).astype(jnp.float32),
-      threshold=jnp.asarray(threshold).astype(jnp.float32),
-      scale=jnp.asarray(scale).astype(jnp.float32),
+      norm=f32(norm),
+      threshold=f32(threshold),
+      scale=f32(scale),
       clipped=jnp.asarray(clipped, jnp.bool_),
       finite=jnp.asarray(finite, jnp.bool_),
   )
@@ -169,7 +169,11 @@ def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
     raise ValueError(f"{name}={value!r} must be a number") from None
   if array.ndim != 0:
     raise ValueError(f"{name}={value!r} must be a scalar")
-  if not np.issubdtype(array.dtype, np.number):  # bools are not numbers here
+  # jnp.issubdtype: bfloat16 (from inject_hyperparams with bf16 params) is not an
+  # np.number; bools and complex numbers are not thresholds.
+  if jnp.issubdtype(array.dtype, jnp.complexfloating):
+    raise ValueError(f"{name}={value!r} must be a real number")
+  if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
     raise ValueError(f"{name}={value!r} must be a number")
   number = float(array)
   shown = value if isinstance(value, (int, float)) else number
@@ -270,15 +274,19 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   safe = jnp.where(positive & finite, norm, jnp.ones((), norm.dtype))
   one = jnp.ones((), norm.dtype)
   scale = one
+  # Each quotient's numerator is also taken where it is selected, so an unselected
+  # inf threshold (max_norm=inf: no clipping) cannot give inf·0 = NaN derivatives.
   if min_norm is not None:
     low = jnp.asarray(min_norm).astype(norm.dtype)
     # Lift only where the factor low / norm is representable (norm >= low / max):
     # a norm below that (e.g. 1e-38 lifted to 4) passes through like zero.
     liftable = norm * jnp.asarray(jnp.finfo(norm.dtype).max, norm.dtype) >= low
-    scale = jnp.where(positive & (norm < low) & liftable, low / safe, scale)
+    lift = positive & (norm < low) & liftable
+    scale = jnp.where(lift, jnp.where(lift, low, one) / safe, scale)
   if max_norm is not None:
     high = jnp.asarray(max_norm).astype(norm.dtype)
-    scale = jnp.where(norm > high, high / safe, scale)
+    cut = norm > high
+    scale = jnp.where(cut, jnp.where(cut, high, one) / safe, scale)
   scale = jnp.where(finite, scale, one)
   clipped = finite & (scale != one)
   return jnp.broadcast_to(scale, norm.shape), clipped, finite
@@ -336,7 +344,31 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
   return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)
 
 
-# The transform shell ------------------------------------------------------------
+# The transform shells -----------------------------------------------------------
+
+
+def check_updates(updates: Any, name: str) -> None:
+  """Raises ``TypeError`` naming the first leaf of ``updates`` that is not floating point.
+
+  The dtype policy for integer and bool gradients: scaling them in their own
+  dtype would truncate (``[3, 4]`` clipped to norm 1 gives ``[0, 0]``), and a
+  clipper never changes the dtype of what it returns, so it refuses them.
+  Both transform shells call this; complex leaves are accepted (their modulus
+  is measured).
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{name}: updates{jax.tree_util.keystr(path)} has dtype {dtype}, but clipping"
+          " needs floating-point updates (cast them, e.g. with .astype(jnp.float32))")
+
+
+def _state_needed(name: str) -> str:
+  return (f"{name}: state=None is not accepted here, because the result depends on the"
+          " state; thread it through: state = tx.init(params), then"
+          " updates, state = tx.update(grads, state, params) on every step")
+
 
 # (updates, max threshold, min threshold or None, params) -> (updates, stats)
 Rule = Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, ClipStats]]
@@ -350,9 +382,15 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
 
   Each ``update`` resolves the thresholds at the step count (evaluating a
   schedule), applies ``rule`` and advances the count. ``state_cls`` is a
-  NamedTuple with the fields ``count`` and ``stats``. ``init_stats(params,
-  stats)`` extends the initial statistics when the rule keeps more.
+  NamedTuple with the fields ``count`` and ``stats``, registered with
+  :func:`stats_state`. ``init_stats(params, stats)`` extends the initial
+  statistics when the rule keeps more. ``state=None`` is accepted when no
+  threshold is a schedule (the result cannot depend on the state, and optax's
+  own tests call stateless clippers that way); with a schedule it raises
+  ``ValueError``.
   """
+  name = _STATE_NAMES.get(state_cls, state_cls.__name__)
+  stateless = not (is_schedule(high) or is_schedule(low))
 
   def init_fn(params):
     stats = initial_stats(initial_threshold(high))
@@ -360,7 +398,10 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
                      stats=stats if init_stats is None else init_stats(params, stats))
 
   def update_fn(updates, state, params=None):
+    check_updates(updates, name)
     if state is None:
+      if not stateless:
+        raise ValueError(_state_needed(name) + " (a scheduled threshold reads its step count)")
       state = init_fn(None)
     updates, stats = rule(updates, resolve(high, state.count), resolve(low, state.count),
                           params)
@@ -369,14 +410,36 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
 def f32(value: jax.typing.ArrayLike) -> jax.Array:
-  """A hyperparameter as a float32 array (``inject_hyperparams`` may give bf16)."""
-  return jnp.asarray(value).astype(jnp.float32)
+  """``value`` as float32, for a state or a hyperparameter; a finite value stays finite.
+
+  Every norm that enters a float32 state (statistics, histories, moving
+  averages) passes here. A finite value beyond float32's range (a float64 norm
+  under x64) is clamped to ±float32 max rather than becoming inf; NaN and inf
+  are kept. Hyperparameters pass here too (``inject_hyperparams`` may give bf16).
+  """
+  value = jnp.asarray(value)
+  if jnp.issubdtype(value.dtype, jnp.floating) and jnp.finfo(value.dtype).bits > 32:
+    value = jnp.where(jnp.isfinite(value), jnp.clip(value, -_F32_MAX, _F32_MAX), value)
+  return value.astype(jnp.float32)
 
 
-def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-  """``new`` when the step was finite, else ``old`` unchanged (bit for bit)."""
-  return jnp.where(finite, new, old)
+def saturate(value: jax.Array) -> jax.Array:
+  """A float32 running statistic computed from finite inputs, held in the finite range.
+
+  Moving averages and variances of norms near float32's maximum can round or
+  square past it; an inf there would stop the clipper for good, so it is
+  clamped to ±float32 max. NaN is kept.
+  """
+  return jnp.clip(value, -_F32_MAX, _F32_MAX)
+
+
+def keep(taken: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """``new`` when the step is taken into the statistics, else ``old`` unchanged (bit for bit)."""
+  return jnp.where(taken, new, old)
 
 
 # (norms of the update, state) -> (scale, next state); the scale is a scalar, or
@@ -384,27 +447,45 @@ def keep(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 _Step = Callable[[_norms.Norms, Any], tuple[Any, Any]]
 
 
+def informative(norm: jax.Array) -> jax.Array:
+  """Whether a step's global norm may enter running statistics: finite and nonzero.
+
+  A NaN or inf norm would poison them; a zero norm (a frozen or masked step)
+  says nothing about the scale of the gradients, and counting it would pull
+  an adaptive threshold towards 0, where it would zero every later update.
+  """
+  return jnp.isfinite(norm) & (norm > 0)
+
+
 def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
                    axis_name: _norms.AxisName, replicated: Any, layer_axis: Any = None,
                    per_leaf: bool = False) -> optax.GradientTransformation:
   """A clipper whose threshold comes from its state and the L2 norms of the update.
 
-  ``step`` decides the scale and the next state. When the global norm is NaN
-  or inf, every field of the state but ``stats`` is kept as it was. States
-  are returned as ``state_cls`` (the class :func:`named_state` gives). A
-  ``step`` that reads per-tensor norms asks for them with ``per_leaf``.
+  ``step`` decides the scale and the next state. When the global norm is not
+  :func:`informative` (zero, NaN or inf), every field of the state but
+  ``stats`` is kept as it was, bit for bit. The state must be threaded
+  through: ``state=None`` raises ``ValueError``. States are returned as
+  ``state_cls`` (the class :func:`named_state` gives, registered with the
+  transform's name). A ``step`` that reads per-tensor norms asks for them with
+  ``per_leaf``.
   """
+  _norms.check_replicated(replicated)
+  name = _STATE_NAMES[state_cls]
 
   def init(params):
     return state_cls(*init_fn(params))
 
   def update_fn(updates, state, params=None):
     del params
+    check_updates(updates, name)
+    if state is None:
+      raise ValueError(_state_needed(name) + " (it keeps running statistics)")
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
                            layer_axis=layer_axis, per_leaf=per_leaf)
     scale, new = step(norms, state)
-    finite = jnp.isfinite(norms.total)
-    kept = {field: keep(finite, getattr(new, field), getattr(state, field))
+    taken = informative(norms.total)
+    kept = {field: keep(taken, getattr(new, field), getattr(state, field))
             for field in new._fields if field != "stats"}
     scale, layout = scale if isinstance(scale, tuple) else (scale, None)
     return apply_scale(updates, scale, layout), state_cls(*new._replace(**kept))

@@ -25,7 +25,8 @@ ClipByBlockRmsState = _base.count_state("clip_by_block_rms", "ClipByBlockRmsStat
 
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
   _base.check_number(high_name, high)
-  _base.check_number(low_name, low, allow_none=True)
+  # A floor must be finite: an infinite one would make every nonzero update inf.
+  _base.check_number(low_name, low, allow_none=True, finite=True)
   _base.check_order(low_name, low, high_name, high)
 
 
@@ -191,6 +192,7 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
   """
   _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
   ord = _norms.check_ord(ord)
+  _norms.check_replicated(replicated)
 
   def rule(updates, high, low, params):
     del params
@@ -267,6 +269,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   """
   _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
   ord = _norms.check_ord(ord)
+  _norms.check_replicated(replicated)
 
   def rule(updates, high, low, params):
     del params
@@ -321,6 +324,7 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
     Array([ 1., -1.,  1., -1.], dtype=float32)
   """
   _base.check_number("threshold", threshold)
+  _norms.check_replicated(replicated)
 
   def rule(updates, high, low, params):
     del low, params

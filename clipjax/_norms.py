@@ -37,6 +37,8 @@ def check_ord(ord: Any) -> Any:  # noqa: A002 - ``ord`` is the name optax and to
   if isinstance(ord, str) and ord.lower() in ("inf", "infinity"):
     return float("inf")
   try:
+    if np.asarray(ord).dtype.kind in "bcOSU":  # True would read as 1, 1+0j as 1
+      raise TypeError
     value = float(ord)
   except (TypeError, ValueError):
     raise ValueError(f"{ord=} must be 1, 2 or inf") from None
@@ -64,14 +66,57 @@ def _rescale_exponent(acc: jnp.dtype) -> int:
   return (jnp.finfo(acc).maxexp + 48) // 2
 
 
-def _tiny_partial(acc: jnp.dtype, ord: Ord) -> float:
-  """Below this an unrooted partial may have lost elements to underflow."""
-  power = 2 if ord == 2 else 1
+def _tiny_partial(acc: jnp.dtype, power: int) -> float:
+  """Below this an unrooted partial of ``|x|^power`` may have lost elements to underflow."""
   return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` of a sum of squares, with a finite derivative everywhere.
+
+  Every root of a sum of squares in the package is taken here. The derivative
+  at 0 is 0 (the subgradient of a norm at zero, as ``optax.safe_norm``), not
+  inf: the inner ``where`` gives ``sqrt`` a safe input, so a branch that a
+  ``where`` does not select cannot turn its zero cotangent into
+  ``0 · inf = NaN``. NaN and inf pass through.
+  """
+  zero = x == 0
+  root = jnp.sqrt(jnp.where(zero, jnp.ones((), x.dtype), x))
+  return jnp.where(zero, jnp.zeros((), x.dtype), root)
+
+
+@jax.custom_jvp
+def _nan_max(x: jax.Array) -> jax.Array:
+  """``max(x)`` of nonnegative ``x`` that is NaN when some element is, on every backend.
+
+  XLA's max all-reduce on CPU drops NaN operands, also where the partitioner
+  inserts it (a sharded leaf under plain ``jit``). The max is taken over the
+  bit patterns instead, which order nonnegative floats and put NaN above inf:
+  an integer reduction, exact. The sign bit is cleared (a NaN may carry one).
+  """
+  ints = jnp.int64 if x.dtype.itemsize == 8 else jnp.int32
+  bits = lax.bitcast_convert_type(x, ints) & jnp.asarray(jnp.iinfo(ints).max, ints)
+  return lax.bitcast_convert_type(jnp.max(bits), x.dtype)
+
+
+@_nan_max.defjvp
+def _nan_max_jvp(primals, tangents):
+  # As jnp.max: the tangent is shared equally by the elements equal to the max.
+  (x,), (t,) = primals, tangents
+  top = _nan_max(x)
+  at = (x == top).astype(x.dtype)
+  return top, jnp.sum(at * t) / jnp.sum(at)
+
+
 def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
-  return jnp.abs(leaf).astype(acc)
+  """``|x|`` in ``acc``, with derivative 0 at ``x = 0``.
+
+  0 is the subgradient every norm here takes at zero (``jnp.abs`` would give
+  1, or NaN for a complex 0); the inner ``where`` keeps ``abs`` off 0.
+  """
+  zero = leaf == 0
+  safe = jnp.where(zero, jnp.ones((), leaf.dtype), leaf)
+  return jnp.where(zero, jnp.zeros((), acc), jnp.abs(safe).astype(acc))
 
 
 def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
@@ -90,10 +135,10 @@ def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
     return jnp.sum(x * x, axis=axes)
   if ord == 1:
     return jnp.sum(x, axis=axes)
-  return jnp.max(x, axis=axes)
+  return _nan_max(x) if axes is None else jnp.max(x, axis=axes)
 
 
-def _can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
+def can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
   """Whether a squared element of some leaf can exceed the accumulation range."""
   acc_exp = jnp.finfo(acc).maxexp
   return any(2 * jnp.finfo(leaf.dtype).maxexp > acc_exp
@@ -138,7 +183,7 @@ def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: 
   def derived():
     return tuple((times(p, shrink), times(p, grow)) for p in plain)
 
-  if not (_can_overflow(leaves, acc) or small):
+  if not (can_overflow(leaves, acc) or small):
     return [(p, *rest) for p, rest in zip(plain, derived())]
 
   def recomputed():
@@ -183,7 +228,7 @@ def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bo
     grown = total(2.0**k) if small else _times(plain, grow, ord)
     return jnp.stack([total(2.0**-k), grown])
 
-  if not (_can_overflow(leaves, acc) or small):
+  if not (can_overflow(leaves, acc) or small):
     rescued = derived()
   else:
     fine = jnp.isfinite(plain)
@@ -235,8 +280,88 @@ def _per_leaf(tree: Any, prefix: Any, name: str, kind: str,
   return values
 
 
+def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
+            acc: jnp.dtype, power: int, *, overflow: bool, underflow: bool
+            ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The shrunk and grown rows of the local unrooted partials ``plain``.
+
+  ``plain`` is a list of arrays of sums of ``|x|^power`` in ``acc``;
+  ``reread(factor)`` computes the same sums over ``x * factor`` from the data.
+  The rows are the sums over ``x * 2**-k`` and ``x * 2**k``, derived from
+  ``plain`` by exact multiplication unless a local, rare ``lax.cond`` finds a
+  plain sum that overflowed (with ``overflow``) or may have underflowed (with
+  ``underflow``, below ``2**-100`` for squares); only then are they reread, so
+  the common case reads the data once. :func:`root` takes the rescued row
+  where the plain sum left the range.
+  """
+  k = _rescale_exponent(acc)
+  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
+
+  def times(x, factor):
+    return _times(x, factor, power)
+
+  def derived(_):
+    return [times(p, shrink) for p in plain], [times(p, grow) for p in plain]
+
+  if not (overflow or underflow):
+    return derived(None)
+
+  def recomputed(_):
+    shrunk, grown = derived(None)
+    return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
+
+  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in plain]))
+  if underflow:
+    tiny = jnp.asarray(_tiny_partial(acc, power), acc)
+    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in plain]))
+  if not isinstance(fine, jax.core.Tracer):
+    # Outside jit the branch is known: the same result, without compiling a new
+    # conditional on every call (its branches are fresh closures).
+    return derived(None) if bool(fine) else recomputed(None)
+  return lax.cond(fine, derived, recomputed, None)
+
+
+def root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array | None, power: int
+         ) -> jax.Array:
+  """The norms of unrooted sums of ``|x|^power``, rescued where ``plain`` left the range.
+
+  ``sqrt(shrunk)·2^k`` (or ``shrunk·2^k`` for power 1) where ``plain``
+  overflowed, ``sqrt(grown)·2^-k`` where it may have underflowed (``grown``
+  ``None``: no underflow rescue), ``sqrt(plain)`` elsewhere, all through
+  :func:`safe_sqrt`.
+  """
+  dtype = plain.dtype
+  k = _rescale_exponent(dtype)
+  big, small = jnp.asarray(2.0**k, dtype), jnp.asarray(2.0**-k, dtype)
+  take = safe_sqrt if power == 2 else (lambda x: x)
+  value = take(plain)
+  if grown is not None:
+    underflowed = plain < jnp.asarray(_tiny_partial(dtype, power), dtype)
+    value = jnp.where(underflowed, take(grown) * small, value)
+  return jnp.where(jnp.isfinite(plain), value, take(shrunk) * big)
+
+
+
+
+def check_replicated(replicated: Any) -> None:
+  """Raises unless ``replicated`` is ``None``, a bool, or a pytree whose leaves are Python bools.
+
+  Called when a transform is built, so a bad value is caught with or without
+  ``axis_name``; :func:`replicated_mask` checks that it is a prefix of the
+  updates.
+  """
+  if replicated is None or isinstance(replicated, bool):
+    return
+  flags = jax.tree.leaves(replicated)
+  if not all(isinstance(f, bool) for f in flags):
+    raise ValueError(
+        f"replicated={replicated!r} must be a bool or a pytree prefix of the updates"
+        " holding Python bools, one per leaf or subtree")
+
+
 def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
   """Expands the pytree prefix ``replicated`` to one bool per leaf of ``tree``."""
+  check_replicated(replicated)
   flags = _per_leaf(tree, replicated, "replicated", "a bool", lambda v: isinstance(v, bool))
   return [bool(flag) for flag in flags]
 
@@ -280,44 +405,50 @@ def layout(tree: Any, layer_axis: Any = None) -> Layout:
   return Layout(tuple(layers), tuple(counts))
 
 
+def _pmax(values: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``lax.pmax`` that keeps NaN, with one collective.
+
+  XLA's max all-reduce on CPU drops NaN operands (the pmax of 1, 2, NaN, 3 is
+  3), so a NaN on one device would go unseen by the others. An is-NaN
+  indicator travels in the same operand, and NaN is restored where it is set.
+  """
+  nan = jnp.isnan(values)
+  both = lax.pmax(jnp.stack([jnp.where(nan, -jnp.inf, values), nan.astype(values.dtype)]),
+                  axis_name)
+  return jnp.where(both[1] > 0, jnp.full((), jnp.nan, values.dtype), both[0])
+
+
 def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Array = False,
                shared: np.ndarray | None = None) -> jax.Array:
   """Sums (or, with ``maximum``, maxes) ``values`` over ``axis_name`` with ONE collective.
 
-  The only cross-device reduction of the package. ``shared`` (NumPy bools
-  broadcastable to ``values``) marks entries that hold the same value on every
-  device of the axis (replicated leaves): a sum counts them once, from the
-  device of index 0. A traced ``maximum`` (a traced ``ord``) picks the
-  collective at run time, so one is still executed.
+  The only cross-device reduction of the package. NaN and inf on any device
+  reach every device: ``psum`` propagates them, the max carries an is-NaN
+  indicator in its operand. ``shared`` (NumPy bools broadcastable to
+  ``values``) marks entries that hold the same value on every device of the
+  axis (replicated leaves): a sum counts them once, from the device of index
+  0. A traced ``maximum`` (a traced ``ord``) picks the collective at run
+  time, so one is still executed.
   """
   if maximum is not True and shared is not None and shared.any():
     first = lax.axis_index(axis_name) == 0
     keep = jnp.logical_or(jnp.asarray(~shared), first)
     values = jnp.where(keep, values, jnp.zeros((), values.dtype))
   if maximum is True:
-    return lax.pmax(values, axis_name)
+    return _pmax(values, axis_name)
   if maximum is False:
     return lax.psum(values, axis_name)
-  return lax.cond(maximum, lambda v: lax.pmax(v, axis_name), lambda v: lax.psum(v, axis_name),
+  return lax.cond(maximum, lambda v: _pmax(v, axis_name), lambda v: lax.psum(v, axis_name),
                   values)
 
 
 def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, ord: Ord,
           acc: jnp.dtype) -> jax.Array:
   """Turns unrooted partials into a norm, rescued where ``plain`` left the range."""
+  del acc  # the rescue constants follow plain's dtype, the accumulation dtype
   if ord == float("inf"):
     return plain
-  dtype = plain.dtype
-  exponent = _rescale_exponent(acc)
-  big = jnp.asarray(2.0**exponent, dtype)
-  small = jnp.asarray(2.0**-exponent, dtype)
-  overflowed = ~jnp.isfinite(plain)
-  underflowed = plain < jnp.asarray(_tiny_partial(acc, ord), dtype)
-  if ord == 2:
-    return jnp.where(overflowed, jnp.sqrt(shrunk) * big,
-                     jnp.where(underflowed, jnp.sqrt(grown) * small, jnp.sqrt(plain)))
-  return jnp.where(overflowed, shrunk * big,
-                   jnp.where(underflowed, grown * small, plain))
+  return root(plain, shrunk, grown, 2 if ord == 2 else 1)
 
 
 class Norms(NamedTuple):

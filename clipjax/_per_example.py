@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _base
 from . import _norms
@@ -29,10 +30,23 @@ def _multipliers(norms: jax.Array, clip_norm: jax.typing.ArrayLike) -> jax.Array
   return scale
 
 
+def _result_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype of a leaf's clipped sum, as optax gives it.
+
+  A floating leaf keeps its dtype. Integer and bool leaves are summed as
+  floats (optax multiplies them by its float multipliers): the default float
+  dtype, float32, or float64 under x64.
+  """
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.dtype(dtype)
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
-  compute = _base.compute_dtype(g.dtype)
+  out = _result_dtype(g.dtype)
+  compute = _base.compute_dtype(out)
   summed = jnp.tensordot(multipliers.astype(compute), g.astype(compute), axes=1)
-  return summed.astype(g.dtype)
+  return summed.astype(out)
 
 
 def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
@@ -42,7 +56,8 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
   ``Σ_b g_b · min(1, C / ‖g_b‖)``, where ``g_b`` is example ``b``'s slice of
   every leaf (axis 0 is the batch) and ``‖g_b‖`` its norm over all leaves,
   accumulated in float32. Same results and signature as optax's function of
-  this name; an example with a NaN or inf norm enters the sum unscaled rather
+  this name, integer and bool gradients included (summed as floats, as optax
+  does); an example with a NaN or inf norm enters the sum unscaled rather
   than being zeroed.
 
   Args:

@@ -239,6 +239,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
     and Levanter's ``SkipStepConfig`` (https://github.com/stanford-crfm/levanter).
   """
   size = _check_arguments(inner, sigma_factor, window, min_history, max_norm, max_consecutive)
+  _norms.check_replicated(replicated)
   inner = optax.with_extra_args_support(inner)
   stats_cls = _base.named_state(SkipStats, name)
 

@@ -42,7 +42,10 @@ def to_square(leaf: jax.Array, dtype: jnp.dtype) -> jax.Array:
   as a full-size temporary on XLA CPU; ``x·x`` needs no ``abs``.
   """
   if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
-    return jnp.abs(leaf).astype(dtype)
+    # The modulus of a safe input: the derivative of |0| would be NaN.
+    zero = leaf == 0
+    modulus = jnp.abs(jnp.where(zero, jnp.ones((), leaf.dtype), leaf))
+    return jnp.where(zero, jnp.zeros((), dtype), modulus.astype(dtype))
   return leaf.astype(dtype)
 
 

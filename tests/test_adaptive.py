@@ -118,11 +118,19 @@ def _factor(norm, threshold):
 
 # References -------------------------------------------------------------------
 
+# The running statistics take only finite, nonzero global norms: a NaN or inf step
+# would poison them and a zero step carries no scale (counted, it pulls the
+# threshold to 0). Each reference skips such steps in its statistics.
+
+
+def _taken(norm):
+  return bool(np.isfinite(norm) and norm > 0)
+
 
 def autoclip_reference(norms, percentile, history):
   kept, thresholds, scales = [], [], []
   for n in norms:
-    if np.isfinite(n):
+    if _taken(n):
       kept = (kept + [n])[-history:]
     thresholds.append(np.percentile(kept, percentile) if kept else np.inf)
     scales.append(_factor(n, thresholds[-1]))
@@ -140,7 +148,7 @@ def zclip_reference(norms, alpha, z_thresh, warmup_steps, max_norm=None, mode="z
     if mean is None:  # warm-up: collect, clip only at the cap
       thresholds.append(cap)
       scales.append(_factor(n, cap))
-      if np.isfinite(n):
+      if _taken(n):
         buffer.append(n)
         if len(buffer) >= warmup_steps:
           mean, var = np.mean(buffer), np.var(buffer)
@@ -158,7 +166,7 @@ def zclip_reference(norms, alpha, z_thresh, warmup_steps, max_norm=None, mode="z
     threshold, g_hat = (target, target) if spike else (bound, n)
     thresholds.append(min(threshold, cap))
     scales.append(_factor(n, min(g_hat, cap)))
-    if np.isfinite(n) and not (spike and skip_update_on_spike):
+    if _taken(n) and not (spike and skip_update_on_spike):
       mean = alpha * mean + (1 - alpha) * g_hat
       var = alpha * var + (1 - alpha) * (g_hat - mean) ** 2
     means.append(mean)
@@ -174,7 +182,7 @@ def adagc_reference(leaf_norms, lambda_abs, lambda_rel, beta, warmup_steps):
     warm = count < warmup_steps
     relative = lambda_rel * gamma
     thresholds.append(lambda_abs if warm else np.sqrt(np.sum(relative**2)))
-    if not np.isfinite(total):
+    if not _taken(total):
       scales.append(np.ones_like(n))
       gammas.append(gamma.copy())
       continue
@@ -199,7 +207,7 @@ def quantile_reference(norms, target_quantile, learning_rate, initial_norm):
   for n in norms:
     thresholds.append(c)
     scales.append(_factor(n, c))
-    if np.isfinite(n):
+    if _taken(n):
       c = c * np.exp(-learning_rate * (float(n <= c) - target_quantile))
   return np.array(thresholds), np.array(scales)
 
