@@ -99,11 +99,11 @@ def test_nonfinite_shard_is_seen_by_every_device(mesh, name, ord):
     grads = _grads(bad)
     out, states = jax.device_get(f(place(grads, SPECS, mesh), state, params))
     expected, expected_state = plain.update(grads, plain.init(PARAMS), PARAMS)
-    assert_tree_close(out, expected, what=f"{name} {ord} {bad}: updates")
+    assert_tree_close(out, expected, rtol=1e-5, what=f"{name} {ord} {bad}: updates")
     for i in range(N):
       device = jax.tree.map(lambda x, i=i: x[i], states)
       assert not bool(device.stats.finite), (name, ord, bad, i)
-      assert_tree_close(device, expected_state, what=f"{name} {ord} {bad} device {i}: ")
+      assert_tree_close(device, expected_state, rtol=1e-5, what=f"{name} {ord} {bad} device {i}: ")
   assert count_all_reduce(compiled_texts(f, place(_grads(), SPECS, mesh), state, params)[1]) == 1
 
 
@@ -117,7 +117,7 @@ def test_nonfinite_shard_under_sharded_jit(mesh, ord):
     assert not np.isfinite(float(clipjax.global_norm(grads, ord=ord)))
     out, state = update(grads, tx.init(None))
     assert not bool(state.stats.finite)
-    assert_tree_close(out, _grads(bad), what=f"ord={ord} {bad}")
+    assert_tree_close(out, _grads(bad), rtol=1e-5, what=f"ord={ord} {bad}")
 
 
 def test_agc_overflow_on_one_shard_matches_unsharded_with_one_all_reduce(mesh):
