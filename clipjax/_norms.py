@@ -174,31 +174,13 @@ def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: 
   plain = [_partial(leaf, ord, acc, 1.0, layer) for leaf, layer in zip(leaves, layers)]
   if ord == float("inf"):
     return [(p, p, p) for p in plain]
-  k = _rescale_exponent(acc)
-  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
 
-  def times(x, factor):
-    return _times(x, factor, ord)
+  def reread(factor):
+    return [_partial(leaf, ord, acc, factor, layer) for leaf, layer in zip(leaves, layers)]
 
-  def derived():
-    return tuple((times(p, shrink), times(p, grow)) for p in plain)
-
-  if not (can_overflow(leaves, acc) or small):
-    return [(p, *rest) for p, rest in zip(plain, derived())]
-
-  def recomputed():
-    shrunk = [_partial(leaf, ord, acc, 2.0**-k, layer) for leaf, layer in zip(leaves, layers)]
-    # Without ``small`` only overflow is rescued: the grown row is not read where plain is large.
-    grown = ([_partial(leaf, ord, acc, 2.0**k, layer) for leaf, layer in zip(leaves, layers)]
-             if small else [times(p, grow) for p in plain])
-    return tuple(zip(shrunk, grown))
-
-  flat = _flat(plain)
-  fine = jnp.all(jnp.isfinite(flat))
-  if small:
-    fine = fine & jnp.all(flat >= jnp.asarray(_tiny_partial(acc, ord), acc))
-  rescued = lax.cond(fine, derived, recomputed)
-  return [(p, *rest) for p, rest in zip(plain, rescued)]
+  shrunk, grown = rescued(plain, reread, acc, 2 if ord == 2 else 1,
+                          overflow=can_overflow(leaves, acc), underflow=small)
+  return list(zip(plain, shrunk, grown))
 
 
 def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
@@ -217,26 +199,11 @@ def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bo
   plain = total(1.0)
   if ord == float("inf"):
     return _xla.materialized(jnp.stack([plain, plain, plain]))
-  k = _rescale_exponent(acc)
-  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
-
-  def derived():
-    return jnp.stack([_times(plain, shrink, ord), _times(plain, grow, ord)])
-
-  def recomputed():
-    # Without ``small`` only overflow is rescued: the grown sum is not read where plain is large.
-    grown = total(2.0**k) if small else _times(plain, grow, ord)
-    return jnp.stack([total(2.0**-k), grown])
-
-  if not (can_overflow(leaves, acc) or small):
-    rescued = derived()
-  else:
-    fine = jnp.isfinite(plain)
-    if small:
-      fine = fine & (plain >= jnp.asarray(_tiny_partial(acc, ord), acc))
-    rescued = lax.cond(fine, derived, recomputed)
+  (shrunk,), (grown,) = rescued([plain], lambda factor: [total(factor)], acc,
+                                2 if ord == 2 else 1, overflow=can_overflow(leaves, acc),
+                                underflow=small)
   # Computed once: otherwise XLA fuses the sums into every leaf-sized kernel that reads them.
-  return _xla.materialized(jnp.concatenate([plain[None], rescued]))
+  return _xla.materialized(jnp.stack([plain, shrunk, grown]))
 
 
 def _flat(parts: Sequence[jax.Array]) -> jax.Array:
