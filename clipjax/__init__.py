@@ -5,11 +5,9 @@ from importlib import metadata as _metadata
 from ._adaptive import AdagcState as AdagcState
 from ._adaptive import AutoclipState as AutoclipState
 from ._adaptive import QuantileClipState as QuantileClipState
-from ._adaptive import ZclipState as ZclipState
 from ._adaptive import adagc as adagc
 from ._adaptive import autoclip as autoclip
 from ._adaptive import quantile_clip as quantile_clip
-from ._adaptive import zclip as zclip
 from ._agc import AdaptiveGradClipState as AdaptiveGradClipState
 from ._agc import adaptive_grad_clip as adaptive_grad_clip
 from ._agc import unitwise_norm as unitwise_norm
@@ -40,6 +38,8 @@ from ._stats import path_name as path_name
 from ._wrappers import clip_grad_norm as clip_grad_norm
 from ._wrappers import clip_grad_value as clip_grad_value
 from ._wrappers import clipped as clipped
+from ._zclip import ZclipState as ZclipState
+from ._zclip import zclip as zclip
 
 try:
   __version__ = _metadata.version("clipjax")

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from . import _base
+from . import _checks
+from . import _layout
 from . import _norms
-from ._base import ClipStats, Threshold
+from ._base import ClipStats
 
 _F32 = jnp.float32
 _TINY = float(jnp.finfo(_F32).tiny)
@@ -113,9 +115,9 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
     Clipping for Source Separation Networks <https://arxiv.org/abs/2007.14469>`_,
     2020.
   """
-  _base.check_number("percentile", percentile, minimum=0.0, maximum=100.0,
+  _checks.check_number("percentile", percentile, minimum=0.0, maximum=100.0,
                      allow_schedule=False)
-  size = _base.check_int("history", history, minimum=1)
+  size = _checks.check_int("history", history, minimum=1)
 
   def init_fn(params):
     del params
@@ -145,179 +147,6 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
                                 stats=_base.make_stats(norm, threshold, scale, clipped, finite))
 
   return _base.norm_transform(_base.named_state(AutoclipState, name), init_fn, step, axis_name,
-                              replicated)
-
-
-# ZClip ------------------------------------------------------------------------
-
-
-@_base.stats_state("zclip")
-class ZclipState(NamedTuple):
-  """State of :func:`zclip`.
-
-  During warm-up ``mean`` and ``var`` hold the mean and (population) variance
-  of the norms seen so far; after it, their exponential moving averages.
-  """
-
-  mean: jax.Array  # [] float32, μ
-  var: jax.Array  # [] float32, σ²
-  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
-  stats: ClipStats
-
-
-_ZCLIP_MODES = ("zscore", "percentile")
-_ZCLIP_OPTIONS = ("adaptive_scaling", "mean")
-
-
-def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
-          max_norm: Threshold | None = None, *, mode: str = "zscore",
-          clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
-          skip_update_on_spike: bool = False, eps: float = 1e-6,
-          axis_name: _norms.AxisName = None,
-          replicated: Any = None,
-          name: str | None = None) -> optax.GradientTransformation:
-  """ZClip: clips global-norm spikes detected by a z-score against moving statistics.
-
-  The first ``warmup_steps`` finite nonzero global norms pass unclipped; their mean
-  and population variance initialise ``μ`` and ``σ²``. After that, with
-  ``σ = sqrt(σ²)`` and ``z = (‖g‖ − μ) / (σ + eps)``, a spike is scaled to
-  norm ``ĝ`` and the statistics follow the effective norm::
-
-    mode="zscore", clip_option="adaptive_scaling" (default), if z > z_thresh:
-        ĝ = clip_factor · (μ + (z_thresh² / z) · σ)
-    mode="zscore", clip_option="mean", if z > z_thresh:
-        ĝ = μ
-    mode="percentile", if ‖g‖ > μ + z_thresh · σ:
-        ĝ = μ + z_thresh · σ
-    otherwise ĝ = ‖g‖
-    μ ← α·μ + (1 − α)·ĝ
-    σ² ← α·σ² + (1 − α)·(ĝ − μ)²                     (with the new μ)
-
-  With the default mode, the bigger the spike, the lower its clipped norm.
-  With ``skip_update_on_spike`` a spike leaves ``μ`` and ``σ²`` as they were.
-  With ``max_norm`` the output norm is also capped at ``max_norm`` on every
-  step, warm-up included; the cap does not enter the statistics. A step whose
-  norm is NaN, inf or zero passes through unscaled and changes neither ``μ``,
-  ``σ²`` nor the warm-up count (an all-zero warm-up would leave μ = σ = 0 and
-  clip every later update to 0). The statistics report as ``threshold`` the
-  norm the update was clipped to, or, when it was not, the norm above which
-  it would have been (capped by ``max_norm``; ``max_norm`` or inf during
-  warm-up).
-
-  The options and rules are those of the authors' reference code
-  (``ZClip(alpha, z_thresh, max_grad_norm, eps, warmup_steps, mode,
-  clip_option, clip_factor, skip_update_on_spike)``), with two differences in
-  the defaults: the reference caps the norm at ``max_grad_norm=1.0``, here
-  ``max_norm=None`` applies no cap; and the reference's ``clip_factor``
-  multiplies the whole adaptive threshold (its code; its docstring says the
-  ``z_thresh·σ`` term), as here.
-
-  Args:
-    alpha: the moving averages' decay, in ``[0, 1)``. Default 0.97.
-    z_thresh: the z-score above which a norm is a spike (> 0). Default 2.5.
-    warmup_steps: how many finite nonzero steps initialise the statistics (>= 1).
-      Default 25.
-    max_norm: optional hard cap on the global norm (a number, scalar array or
-      ``optax.Schedule`` of the finite-step count); ``None`` (default) for none.
-    mode: ``"zscore"`` (default) clips spikes by their z-score;
-      ``"percentile"`` clips every norm above ``μ + z_thresh·σ`` to it.
-    clip_option: in ``"zscore"`` mode, ``"adaptive_scaling"`` (default) or
-      ``"mean"`` (spikes are clipped to ``μ``).
-    clip_factor: multiplies the adaptive threshold (> 0). Default 1.0.
-    skip_update_on_spike: leave ``μ`` and ``σ²`` unchanged on a spike.
-    eps: added to ``σ`` in the z-score (>= 0). Default 1e-6.
-    axis_name: mapped axis name(s) over which the leaves are sharded; the
-      global norm is taken over all shards with one collective.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"zclip"``), to tell apart two transforms of one kind.
-
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`ZclipState`.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
-    >>> tx = clipjax.zclip(warmup_steps=4)
-    >>> state = tx.init(None)
-    >>> for norm in [0.9, 1.1, 0.9, 1.1, 100.0]:
-    ...   updates, state = tx.update(jnp.array([norm]), state)
-    >>> round(float(updates[0]), 4)  # the spike (z ≈ 990) is brought to μ + (2.5² / z)·σ
-    1.0006
-
-  References:
-    Kumar, Owen, Chowdhury and Güra, `ZClip: Adaptive Spike Mitigation for
-    LLM Pre-Training <https://arxiv.org/abs/2504.02507>`_, 2025.
-  """
-  _base.check_number("alpha", alpha, minimum=0.0, maximum=1.0, strict_max=True,
-                     allow_schedule=False)
-  _base.check_number("z_thresh", z_thresh, strict_min=True, allow_schedule=False)
-  _base.check_int("warmup_steps", warmup_steps, minimum=1)
-  _base.check_number("max_norm", max_norm, allow_none=True)
-  _base.check_number("clip_factor", clip_factor, strict_min=True, allow_schedule=False)
-  _base.check_number("eps", eps, allow_schedule=False)
-  _base.check_choice("mode", mode, _ZCLIP_MODES)
-  _base.check_choice("clip_option", clip_option, _ZCLIP_OPTIONS)
-  _base.check_choice("skip_update_on_spike", skip_update_on_spike, (False, True))
-
-  def init_fn(params):
-    del params
-    return ZclipState(mean=jnp.zeros((), _F32), var=jnp.zeros((), _F32),
-                      count=jnp.zeros((), jnp.int32),
-                      stats=_base.initial_stats(_base.initial_threshold(max_norm)))
-
-  # The rule runs in the norm's dtype (float64 under x64, so a norm beyond
-  # float32's range is still clipped); the state keeps float32.
-  def thresholds(x, mean, var, warm):
-    """(whether ``x`` is a spike; the norm it is clipped to; the norm reported as ``threshold``)."""
-    zt, e = _base.f32(z_thresh).astype(x.dtype), _base.f32(eps).astype(x.dtype)
-    std = _norms.safe_sqrt(var)
-    if mode == "percentile":
-      bound = mean + zt * std
-      spike, target = ~warm & (x > bound), bound
-    else:
-      bound = mean + zt * (std + e)
-      z = (x - mean) / (std + e)
-      spike = ~warm & (z > zt)
-      factor = _base.f32(clip_factor).astype(x.dtype)
-      target = mean if clip_option == "mean" else (
-          factor * (mean + zt * zt / jnp.where(spike, z, 1.0) * std))
-    return spike, target, jnp.where(warm, jnp.inf, jnp.where(spike, target, bound))
-
-  def moments(x, g_hat, mean, var, count, warm):
-    """The next ``(μ, σ²)``: Welford's running values in warm-up, then EMAs of ``ĝ``."""
-    a = _base.f32(alpha).astype(x.dtype)
-    k = (count + 1).astype(x.dtype)
-    delta = x - mean
-    warm_mean = mean + delta / k
-    warm_var = var + (delta * (x - warm_mean) - var) / k
-    ema_mean = a * mean + (1.0 - a) * g_hat
-    ema_var = a * var + (1.0 - a) * jnp.square(g_hat - ema_mean)
-    return (_base.saturate(_base.f32(jnp.where(warm, warm_mean, ema_mean))),
-            _base.saturate(_base.f32(jnp.where(warm, warm_var, ema_var))))
-
-  def step(norms, state):
-    x = norms.total
-    mean, var = state.mean.astype(x.dtype), state.var.astype(x.dtype)
-    warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
-    spike, target, boundary = thresholds(x, mean, var, warm)
-    adaptive = jnp.where(spike, target, jnp.inf)
-    high = adaptive
-    cap = _base.resolve(max_norm, state.count)
-    if cap is not None:
-      high = jnp.minimum(adaptive, cap.astype(x.dtype))
-      boundary = jnp.minimum(boundary, cap.astype(x.dtype))
-    scale, clipped, finite = _base.scale_rule(x, high)
-    new_mean, new_var = moments(x, jnp.minimum(x, adaptive), mean, var, state.count, warm)
-    if skip_update_on_spike:
-      new_mean = jnp.where(spike, state.mean, new_mean)
-      new_var = jnp.where(spike, state.var, new_var)
-    mean, var = new_mean, new_var
-    return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
-                             stats=_base.make_stats(x, boundary, scale, clipped, finite))
-
-  return _base.norm_transform(_base.named_state(ZclipState, name), init_fn, step, axis_name,
                               replicated)
 
 
@@ -405,14 +234,14 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     Stability for Large Language Model Pretraining
     <https://arxiv.org/abs/2502.11034>`_, 2025.
   """
-  _base.check_number("lambda_abs", lambda_abs, strict_min=True, allow_schedule=False)
-  _base.check_number("lambda_rel", lambda_rel, strict_min=True, allow_schedule=False)
-  _base.check_number("beta", beta, minimum=0.0, maximum=1.0, strict_max=True,
+  _checks.check_number("lambda_abs", lambda_abs, strict_min=True, allow_schedule=False)
+  _checks.check_number("lambda_rel", lambda_rel, strict_min=True, allow_schedule=False)
+  _checks.check_number("beta", beta, minimum=0.0, maximum=1.0, strict_max=True,
                      allow_schedule=False)
-  _base.check_int("warmup_steps", warmup_steps, minimum=0)
+  _checks.check_int("warmup_steps", warmup_steps, minimum=0)
 
   def init_fn(params):
-    n = sum(_norms.layout(params, layer_axis).counts)
+    n = sum(_layout.layout(params, layer_axis).counts)
     return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32), count=jnp.zeros((), jnp.int32),
                       stats=_base.initial_stats(_base.f32(lambda_abs)))
 
@@ -515,11 +344,11 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
     Andrew, Thakkar, McMahan and Ramaswamy, `Differentially Private Learning
     with Adaptive Clipping <https://arxiv.org/abs/1905.03871>`_, 2021.
   """
-  _base.check_number("target_quantile", target_quantile, minimum=0.0, maximum=1.0,
+  _checks.check_number("target_quantile", target_quantile, minimum=0.0, maximum=1.0,
                      strict_min=True, strict_max=True, allow_schedule=False)
-  _base.check_number("learning_rate", learning_rate, strict_min=True, allow_schedule=False,
+  _checks.check_number("learning_rate", learning_rate, strict_min=True, allow_schedule=False,
                      finite=True)
-  _base.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False,
+  _checks.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False,
                      finite=True)
 
   def init_fn(params):

@@ -12,7 +12,10 @@ import numpy as np
 import optax
 
 from . import _base
+from . import _checks
+from . import _layout
 from . import _norms
+from . import _partials
 from . import _xla
 from ._base import ClipStats, Threshold
 
@@ -66,7 +69,7 @@ def slice_unit_axes(x: jax.Array, axis: Axes, layer: int | None) -> tuple[int, .
 
 def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype,
                  factor: float = 1.0) -> jax.Array:
-  """The sum of squares of each unit of ``x * factor`` in ``acc``, over ``axes`` with ``keepdims``."""
+  """The sum of squares of each unit of ``x * factor`` in ``acc`` (over ``axes``, keepdims)."""
   x = _xla.to_square(x, acc)
   if factor != 1.0:
     x = x * _xla.opaque(factor, acc)
@@ -95,19 +98,19 @@ def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
   leaves are added over the devices with one collective, ``shared`` leaves
   (replicated) counted once.
   """
-  acc = _norms.accumulation_dtype(leaves)
+  acc = _partials.accumulation_dtype(leaves)
   plain = [unit_squares(x, a, acc) for x, a in zip(leaves, axes)]
 
   def reread(factor):
     return [unit_squares(x, a, acc, factor) for x, a in zip(leaves, axes)]
 
-  shrunk, _ = _norms.rescued(plain, reread, acc, 2,
-                             overflow=_norms.can_overflow(leaves, acc), underflow=False)
+  shrunk, _ = _partials.rescued(plain, reread, acc, 2,
+                             overflow=_partials.can_overflow(leaves, acc), underflow=False)
   if axis_name is not None and plain:
     flags = list(shared) if shared is not None else [False] * len(leaves)
     rows = _reduce_rows(plain + shrunk, axis_name, flags * 2)
     plain, shrunk = rows[:len(plain)], rows[len(plain):]
-  return [_norms.root(p, q, None, 2) for p, q in zip(plain, shrunk)]
+  return [_partials.root(p, q, None, 2) for p, q in zip(plain, shrunk)]
 
 
 def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
@@ -196,8 +199,9 @@ def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
   def fold(op, values, initial):
     return functools.reduce(op, values, jnp.asarray(initial))
 
-  largest = fold(jnp.maximum, [jnp.max(u.ratio, initial=0.0).astype(jnp.float32) for u in units], 0.0)
-  smallest = fold(jnp.minimum, [jnp.min(u.scale, initial=1.0).astype(jnp.float32) for u in units], 1.0)
+  f32 = jnp.float32
+  largest = fold(jnp.maximum, [jnp.max(u.ratio, initial=0.0).astype(f32) for u in units], 0.0)
+  smallest = fold(jnp.minimum, [jnp.min(u.scale, initial=1.0).astype(f32) for u in units], 1.0)
   clipped = fold(jnp.logical_or, [jnp.any(u.clipped) for u in units], False)
   finite = fold(jnp.logical_and, [jnp.all(u.finite) for u in units], True)
   return _base.make_stats(largest, limit, smallest, clipped, finite)
@@ -274,20 +278,20 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     Recognition Without Normalization <https://arxiv.org/abs/2102.06171>`_,
     2021.
   """
-  _base.check_number("clipping", clipping)
-  _base.check_number("eps", eps, allow_schedule=False)
-  _norms.check_replicated(replicated)
+  _checks.check_number("clipping", clipping)
+  _checks.check_number("eps", eps, allow_schedule=False)
+  _layout.check_replicated(replicated)
 
   def rule(updates, limit, low, params):
     del low
     if params is None:
       raise ValueError(_base.NO_PARAMS_MSG.format(name="adaptive_grad_clip"))
     grads, weights, treedef = _paired(updates, params)
-    layers = _norms.layout(updates, layer_axis).layers
+    layers = _layout.layout(updates, layer_axis).layers
     axes = [slice_unit_axes(g, axis, layer) for g, layer in zip(grads, layers)]
-    shared = _norms.replicated_mask(updates, replicated)
+    shared = _layout.replicated_mask(updates, replicated)
     norms = unit_norms(grads + weights, axes * 2, axis_name, shared * 2)
-    acc = _norms.accumulation_dtype(grads + weights)
+    acc = _partials.accumulation_dtype(grads + weights)
     units = [_decide(g, w, jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc))
              for g, w in zip(norms[:len(grads)], norms[len(grads):])]
     out = [_base.scale_leaf(g, u.scale) for g, u in zip(grads, units)]

@@ -12,9 +12,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from . import _checks
+from . import _layout
 from . import _norms
 from . import _xla
 
@@ -128,108 +129,6 @@ def make_stats(norm: jax.Array, threshold: jax.typing.ArrayLike, scale: jax.Arra
 # Thresholds -----------------------------------------------------------------
 
 
-def is_schedule(value: Any) -> bool:
-  """Whether a threshold is an ``optax.Schedule`` (a callable of the step count)."""
-  return callable(value)
-
-
-def is_concrete(value: Any) -> bool:
-  """Whether ``value`` can be read in Python (not a tracer, not a schedule)."""
-  if is_schedule(value) or isinstance(value, jax.core.Tracer):
-    return False
-  return True
-
-
-def check_number(name: str, value: Any, *, minimum: float | None = 0.0,
-                 maximum: float | None = None, strict_min: bool = False,
-                 strict_max: bool = False, allow_none: bool = False,
-                 allow_schedule: bool = True, finite: bool = False) -> None:
-  """Validates a concrete scalar argument; tracers and schedules pass unchecked.
-
-  With ``finite``, an infinite value is rejected too.
-
-  Raises ``ValueError`` naming the argument and its value, e.g.
-  ``max_norm=-1.0 must be >= 0``.
-  """
-  if value is None:
-    if allow_none:
-      return
-    raise ValueError(f"{name}=None is not allowed")
-  if is_schedule(value):
-    if allow_schedule:
-      return
-    raise ValueError(f"{name}={value!r} must be a number, not a schedule")
-  if not is_concrete(value):
-    return
-  # Read with NumPy: jnp.asarray would give a tracer when the transform is built
-  # inside a traced function.
-  try:
-    array = np.asarray(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name}={value!r} must be a number") from None
-  if array.ndim != 0:
-    raise ValueError(f"{name}={value!r} must be a scalar")
-  # jnp.issubdtype: bfloat16 (from inject_hyperparams with bf16 params) is not an
-  # np.number; bools and complex numbers are not thresholds.
-  if jnp.issubdtype(array.dtype, jnp.complexfloating):
-    raise ValueError(f"{name}={value!r} must be a real number")
-  if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
-    raise ValueError(f"{name}={value!r} must be a number")
-  number = float(array)
-  shown = value if isinstance(value, (int, float)) else number
-  if number != number:
-    raise ValueError(f"{name}={shown} must not be NaN")
-  if minimum is not None:
-    if strict_min and not number > minimum:
-      raise ValueError(f"{name}={shown} must be > {minimum:g}")
-    if not strict_min and not number >= minimum:
-      raise ValueError(f"{name}={shown} must be >= {minimum:g}")
-  if maximum is not None:
-    if strict_max and not number < maximum:
-      raise ValueError(f"{name}={shown} must be < {maximum:g}")
-    if not strict_max and not number <= maximum:
-      raise ValueError(f"{name}={shown} must be <= {maximum:g}")
-  if finite and number in (float("inf"), float("-inf")):
-    raise ValueError(f"{name}={shown} must be finite")
-
-
-def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-  """Raises ``ValueError`` unless ``value`` is one of ``choices`` (compared by type and value)."""
-  if not any(type(value) is type(c) and value == c for c in choices):
-    raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
-
-
-def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
-  """Raises when two concrete thresholds are in the wrong order (``low > high``)."""
-  if low is None or high is None or not (is_concrete(low) and is_concrete(high)):
-    return
-  if float(np.asarray(low)) > float(np.asarray(high)):
-    raise ValueError(f"{low_name}={low} must be <= {high_name}={high}")
-
-
-def check_int(name: str, value: Any, *, minimum: int) -> int | None:
-  """Validates an integer argument (a size or a step count).
-
-  Accepts a Python int or a concrete integer array and returns it as an int;
-  returns ``None`` for a tracer (``optax.inject_hyperparams`` injects every
-  numeric argument), which is not checked.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return None
-  if isinstance(value, bool):
-    raise ValueError(f"{name}={value!r} must be an int")
-  if not isinstance(value, int):
-    try:
-      array = np.asarray(value)
-    except TypeError:
-      raise ValueError(f"{name}={value!r} must be an int") from None
-    if array.ndim != 0 or not np.issubdtype(array.dtype, np.integer):
-      raise ValueError(f"{name}={value!r} must be an int")
-    value = int(array)
-  if value < minimum:
-    raise ValueError(f"{name}={value} must be >= {minimum}")
-  return value
-
 
 def resolve(value: Threshold | None, count: jax.Array) -> jax.Array | None:
   """The threshold in force at step ``count``: a schedule is evaluated at it."""
@@ -261,10 +160,11 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   """The factor that brings ``norm`` into ``[min_norm, max_norm]``.
 
   ``scale = max_norm / norm`` when ``norm > max_norm``; ``min_norm / norm`` when
-  ``0 < norm < min_norm`` (and that factor is finite in the norm's dtype); else 1. A zero norm keeps scale 1 (zero stays zero,
-  whatever the thresholds, with no 0/0); a NaN or inf norm keeps scale 1 (the
-  updates pass through and ``finite`` is False). Works elementwise, so ``norm``
-  may hold one norm per leaf.
+  ``0 < norm < min_norm`` (and that factor is finite in the norm's dtype); else 1.
+  A zero norm keeps scale 1 (zero stays zero, whatever the thresholds, with no
+  0/0); a NaN or inf norm keeps scale 1 (the updates pass through and
+  ``finite`` is False). Works elementwise, so ``norm`` may hold one norm per
+  leaf.
 
   Returns:
     ``(scale, clipped, finite)``, shaped like ``norm``.
@@ -292,7 +192,7 @@ def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   return jnp.broadcast_to(scale, norm.shape), clipped, finite
 
 
-def apply_scale(updates: Any, scales: Any, layout: _norms.Layout | None = None) -> Any:
+def apply_scale(updates: Any, scales: Any, layout: _layout.Layout | None = None) -> Any:
   """Multiplies each leaf by its scale; the result keeps the leaf's dtype.
 
   ``scales`` is a scalar (one factor for the whole tree); or a sequence with
@@ -319,7 +219,7 @@ def apply_scale(updates: Any, scales: Any, layout: _norms.Layout | None = None) 
   return jax.tree.unflatten(treedef, out)
 
 
-def _per_leaf_scales(scales: jax.Array, layout: _norms.Layout | None, n: int) -> list[jax.Array]:
+def _per_leaf_scales(scales: jax.Array, layout: _layout.Layout | None, n: int) -> list[jax.Array]:
   """A ``[n_tensors]`` vector of factors cut into each leaf's part."""
   # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
   scales = _xla.materialized(jnp.asarray(scales))
@@ -345,23 +245,6 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 # The transform shells -----------------------------------------------------------
-
-
-def check_updates(updates: Any, name: str) -> None:
-  """Raises ``TypeError`` naming the first leaf of ``updates`` that is not floating point.
-
-  The dtype policy for integer and bool gradients: scaling them in their own
-  dtype would truncate (``[3, 4]`` clipped to norm 1 gives ``[0, 0]``), and a
-  clipper never changes the dtype of what it returns, so it refuses them.
-  Both transform shells call this; complex leaves are accepted (their modulus
-  is measured).
-  """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-          f"{name}: updates{jax.tree_util.keystr(path)} has dtype {dtype}, but clipping"
-          " needs floating-point updates (cast them, e.g. with .astype(jnp.float32))")
 
 
 def _state_needed(name: str) -> str:
@@ -390,7 +273,7 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
   ``ValueError``.
   """
   name = _STATE_NAMES.get(state_cls, state_cls.__name__)
-  stateless = not (is_schedule(high) or is_schedule(low))
+  stateless = not (_checks.is_schedule(high) or _checks.is_schedule(low))
 
   def init_fn(params):
     stats = initial_stats(initial_threshold(high))
@@ -398,7 +281,7 @@ def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
                      stats=stats if init_stats is None else init_stats(params, stats))
 
   def update_fn(updates, state, params=None):
-    check_updates(updates, name)
+    _checks.check_updates(updates, name)
     if state is None:
       if not stateless:
         raise ValueError(_state_needed(name) + " (a scheduled threshold reads its step count)")
@@ -470,7 +353,7 @@ def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
   transform's name). A ``step`` that reads per-tensor norms asks for them with
   ``per_leaf``.
   """
-  _norms.check_replicated(replicated)
+  _layout.check_replicated(replicated)
   name = _STATE_NAMES[state_cls]
 
   def init(params):
@@ -478,7 +361,7 @@ def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
 
   def update_fn(updates, state, params=None):
     del params
-    check_updates(updates, name)
+    _checks.check_updates(updates, name)
     if state is None:
       raise ValueError(_state_needed(name) + " (it keeps running statistics)")
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,

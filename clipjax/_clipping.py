@@ -10,6 +10,8 @@ import numpy as np
 import optax
 
 from . import _base
+from . import _checks
+from . import _layout
 from . import _norms
 from . import _stats
 from ._base import ClipStats, Threshold
@@ -24,10 +26,10 @@ ClipByBlockRmsState = _base.count_state("clip_by_block_rms", "ClipByBlockRmsStat
 
 
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
-  _base.check_number(high_name, high)
+  _checks.check_number(high_name, high)
   # A floor must be finite: an infinite one would make every nonzero update inf.
-  _base.check_number(low_name, low, allow_none=True, finite=True)
-  _base.check_order(low_name, low, high_name, high)
+  _checks.check_number(low_name, low, allow_none=True, finite=True)
+  _checks.check_order(low_name, low, high_name, high)
 
 
 class LeafClipStats(NamedTuple):
@@ -42,7 +44,8 @@ class LeafClipStats(NamedTuple):
   leaf_norms: dict[str, jax.Array]  # path -> [] float32 ([layers] with a layer axis), pre-clip
 
 
-def _leaf_norms_by_path(tree: Any, norms: jax.Array, layout: _norms.Layout) -> dict[str, jax.Array]:
+def _leaf_norms_by_path(tree: Any, norms: jax.Array, layout: _layout.Layout
+                        ) -> dict[str, jax.Array]:
   """Each leaf's norm (one per slice with a layer axis), keyed by its path."""
   paths = [_stats.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   return {path: (norms[start] if layer is None else norms[start:start + count]).astype(
@@ -192,7 +195,7 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
   """
   _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
   ord = _norms.check_ord(ord)
-  _norms.check_replicated(replicated)
+  _layout.check_replicated(replicated)
 
   def rule(updates, high, low, params):
     del params
@@ -211,7 +214,7 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
     if params is None:
       raise ValueError("clip_by_norm(leaf_stats=True): init needs the parameters (a tree of"
                        " the updates' structure) to name the leaves")
-    layout = _norms.layout(params, layer_axis)
+    layout = _layout.layout(params, layer_axis)
     zeros = jnp.zeros((sum(layout.counts),), jnp.float32)
     return LeafClipStats(*stats, clipped_fraction=jnp.zeros((), jnp.float32),
                          leaf_norms=_leaf_norms_by_path(params, zeros, layout))
@@ -269,7 +272,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   """
   _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
   ord = _norms.check_ord(ord)
-  _norms.check_replicated(replicated)
+  _layout.check_replicated(replicated)
 
   def rule(updates, high, low, params):
     del params
@@ -323,8 +326,8 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
     >>> updates[0]
     Array([ 1., -1.,  1., -1.], dtype=float32)
   """
-  _base.check_number("threshold", threshold)
-  _norms.check_replicated(replicated)
+  _checks.check_number("threshold", threshold)
+  _layout.check_replicated(replicated)
 
   def rule(updates, high, low, params):
     del low, params

@@ -1,7 +1,9 @@
 """Norms of gradient trees: float32 accumulation, one cross-device reduction.
 
-This module is the only place that knows about ``ord``, the accumulation
-dtype, ``axis_name`` and ``replicated``. Clippers measure through
+This module is the only place that knows about ``ord``, ``axis_name`` and
+the collective; the partial norm of a leaf and its rescue come from
+``_partials``, the expansion of ``replicated`` and ``layer_axis`` from
+``_layout``. Clippers measure through
 :func:`measure`, which reduces the per-leaf partial norms of one update with a
 single collective; a clipper with other cross-device sums (AGC's per-unit
 sums, ``clip``'s smallest magnitude) reduces them through :func:`all_reduce`,
@@ -9,7 +11,7 @@ the one owner of the collective and of the count-once rule for replicated
 leaves.
 """
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,10 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _layout
+from . import _partials
 from . import _xla
+from ._layout import Layout
+from ._partials import Ord
 
 AxisName = Hashable | tuple[Hashable, ...] | None
-Ord = int | float
 
 VALID_ORDS = (1, 2, float("inf"))
 
@@ -47,114 +52,6 @@ def check_ord(ord: Any) -> Any:  # noqa: A002 - ``ord`` is the name optax and to
   return int(value) if value != float("inf") else value
 
 
-def accumulation_dtype(leaves: Sequence[jax.typing.ArrayLike]) -> jnp.dtype:
-  """float64 when any leaf is float64 (only possible under x64), else float32."""
-  for leaf in leaves:
-    dtype = jnp.asarray(leaf).dtype
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-      dtype = jnp.finfo(dtype).dtype
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 64:
-      return jnp.dtype(jnp.float64)
-  return jnp.dtype(jnp.float32)
-
-
-def _rescale_exponent(acc: jnp.dtype) -> int:
-  # The rescue passes multiply elements by 2**-k (overflow) or 2**k (underflow)
-  # before squaring: k is large enough that a sum of 2**40 squared maximal
-  # values stays finite after shrinking, and that the smallest subnormal
-  # squares to a normal number after growing.
-  return (jnp.finfo(acc).maxexp + 48) // 2
-
-
-def _tiny_partial(acc: jnp.dtype, power: int) -> float:
-  """Below this an unrooted partial of ``|x|^power`` may have lost elements to underflow."""
-  return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
-
-
-def safe_sqrt(x: jax.Array) -> jax.Array:
-  """``sqrt(x)`` of a sum of squares, with a finite derivative everywhere.
-
-  Every root of a sum of squares in the package is taken here. The derivative
-  at 0 is 0 (the subgradient of a norm at zero, as ``optax.safe_norm``), not
-  inf: the inner ``where`` gives ``sqrt`` a safe input, so a branch that a
-  ``where`` does not select cannot turn its zero cotangent into
-  ``0 · inf = NaN``. NaN and inf pass through.
-  """
-  zero = x == 0
-  root = jnp.sqrt(jnp.where(zero, jnp.ones((), x.dtype), x))
-  return jnp.where(zero, jnp.zeros((), x.dtype), root)
-
-
-@jax.custom_jvp
-def _nan_max(x: jax.Array) -> jax.Array:
-  """``max(x)`` of nonnegative ``x`` that is NaN when some element is, on every backend.
-
-  XLA's max all-reduce on CPU drops NaN operands, also where the partitioner
-  inserts it (a sharded leaf under plain ``jit``). The max is taken over the
-  bit patterns instead, which order nonnegative floats and put NaN above inf:
-  an integer reduction, exact. The sign bit is cleared (a NaN may carry one).
-  """
-  ints = jnp.int64 if x.dtype.itemsize == 8 else jnp.int32
-  bits = lax.bitcast_convert_type(x, ints) & jnp.asarray(jnp.iinfo(ints).max, ints)
-  return lax.bitcast_convert_type(jnp.max(bits), x.dtype)
-
-
-@_nan_max.defjvp
-def _nan_max_jvp(primals, tangents):
-  # As jnp.max: the tangent is shared equally by the elements equal to the max.
-  (x,), (t,) = primals, tangents
-  top = _nan_max(x)
-  at = (x == top).astype(x.dtype)
-  return top, jnp.sum(at * t) / jnp.sum(at)
-
-
-def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
-  """``|x|`` in ``acc``, with derivative 0 at ``x = 0``.
-
-  0 is the subgradient every norm here takes at zero (``jnp.abs`` would give
-  1, or NaN for a complex 0); the inner ``where`` keeps ``abs`` off 0.
-  """
-  zero = leaf == 0
-  safe = jnp.where(zero, jnp.ones((), leaf.dtype), leaf)
-  return jnp.where(zero, jnp.zeros((), acc), jnp.abs(safe).astype(acc))
-
-
-def _partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
-             layer: int | None = None) -> jax.Array:
-  """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|.
-
-  A scalar; with ``layer``, a vector with one partial per slice along that axis.
-  """
-  x = _xla.to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
-  if factor != 1.0:
-    x = x * _xla.opaque(factor, acc)
-  axes = None if layer is None else tuple(i for i in range(x.ndim) if i != layer)
-  if x.size == 0:
-    return jnp.zeros(() if layer is None else (x.shape[layer],), acc)
-  if ord == 2:
-    return jnp.sum(x * x, axis=axes)
-  if ord == 1:
-    return jnp.sum(x, axis=axes)
-  return _nan_max(x) if axes is None else jnp.max(x, axis=axes)
-
-
-def can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
-  """Whether a squared element of some leaf can exceed the accumulation range."""
-  acc_exp = jnp.finfo(acc).maxexp
-  return any(2 * jnp.finfo(leaf.dtype).maxexp > acc_exp
-             for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
-
-
-def _times(partial: jax.Array, factor: jax.Array, ord: Ord) -> jax.Array:
-  """A partial of ``x`` turned into the partial of ``x·factor`` (exactly, while representable).
-
-  For ord 2 the factor applies twice: ``factor²`` is outside the accumulation range.
-  """
-  for _ in range(2 if ord == 2 else 1):
-    partial = partial * factor
-  return partial
-
-
 # A leaf's unrooted partials: (plain, shrunk, grown), each a scalar, or a vector
 # with one entry per slice along the leaf's layer axis.
 Rows = tuple[jax.Array, jax.Array, jax.Array]
@@ -171,15 +68,17 @@ def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: 
   case reads each leaf once. Every leaf keeps its own values (no shared
   vector is sliced per leaf: that costs XLA a distinct kernel per leaf).
   """
-  plain = [_partial(leaf, ord, acc, 1.0, layer) for leaf, layer in zip(leaves, layers)]
+  plain = [_partials.partial(leaf, ord, acc, 1.0, layer) for leaf, layer in zip(leaves, layers)]
   if ord == float("inf"):
     return [(p, p, p) for p in plain]
 
   def reread(factor):
-    return [_partial(leaf, ord, acc, factor, layer) for leaf, layer in zip(leaves, layers)]
+    return [_partials.partial(leaf, ord, acc, factor, layer)
+            for leaf, layer in zip(leaves, layers)]
 
-  shrunk, grown = rescued(plain, reread, acc, 2 if ord == 2 else 1,
-                          overflow=can_overflow(leaves, acc), underflow=small)
+  shrunk, grown = _partials.rescued(plain, reread, acc, 2 if ord == 2 else 1,
+                                    overflow=_partials.can_overflow(leaves, acc),
+                                    underflow=small)
   return list(zip(plain, shrunk, grown))
 
 
@@ -193,15 +92,16 @@ def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bo
   combine = jnp.max if ord == float("inf") else jnp.sum
 
   def total(factor):
-    parts = [_partial(leaf, ord, acc, factor) for leaf in leaves]
+    parts = [_partials.partial(leaf, ord, acc, factor) for leaf in leaves]
     return combine(jnp.stack([jnp.where(k, p, jnp.zeros((), acc)) for p, k in zip(parts, keep)]))
 
   plain = total(1.0)
   if ord == float("inf"):
     return _xla.materialized(jnp.stack([plain, plain, plain]))
-  (shrunk,), (grown,) = rescued([plain], lambda factor: [total(factor)], acc,
-                                2 if ord == 2 else 1, overflow=can_overflow(leaves, acc),
-                                underflow=small)
+  (shrunk,), (grown,) = _partials.rescued([plain], lambda factor: [total(factor)], acc,
+                                          2 if ord == 2 else 1,
+                                          overflow=_partials.can_overflow(leaves, acc),
+                                          underflow=small)
   # Computed once: otherwise XLA fuses the sums into every leaf-sized kernel that reads them.
   return _xla.materialized(jnp.stack([plain, shrunk, grown]))
 
@@ -213,7 +113,7 @@ def _flat(parts: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
 
 
-def _reduced_rows(rows: list[Rows], layout: "Layout", axis_name: AxisName,
+def _reduced_rows(rows: list[Rows], layout: Layout, axis_name: AxisName,
                   maximum: bool | jax.Array, shared: Sequence[bool]) -> list[Rows]:
   """The rows of every leaf, reduced over ``axis_name`` with ONE collective."""
   stacked = jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
@@ -224,152 +124,6 @@ def _reduced_rows(rows: list[Rows], layout: "Layout", axis_name: AxisName,
     part = stacked[:, start:start + count]
     out.append(tuple(part[i].reshape(jnp.shape(p)) for i in range(3)))
   return out
-
-
-def _per_leaf(tree: Any, prefix: Any, name: str, kind: str,
-              is_value: Callable[[Any], bool]) -> list[Any]:
-  """Expands the pytree prefix ``prefix`` to one value per leaf of ``tree``.
-
-  ``None`` (a leaf of the prefix, not an empty subtree) and every value for
-  which ``is_value`` holds apply to the whole subtree they stand for.
-  """
-  n = len(jax.tree.leaves(tree))
-  if prefix is None or is_value(prefix):
-    return [prefix] * n
-  try:
-    full = jax.tree.broadcast(prefix, tree, is_leaf=lambda x: x is None)
-  except (ValueError, TypeError) as err:
-    raise ValueError(f"{name}={prefix!r} must be {kind} or a pytree prefix of the updates"
-                     ) from err
-  values = jax.tree.leaves(full, is_leaf=lambda x: x is None)
-  if len(values) != n or not all(v is None or is_value(v) for v in values):
-    raise ValueError(f"{name}={prefix!r} must hold {kind} values, one per leaf or subtree")
-  return values
-
-
-def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
-            acc: jnp.dtype, power: int, *, overflow: bool, underflow: bool
-            ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """The shrunk and grown rows of the local unrooted partials ``plain``.
-
-  ``plain`` is a list of arrays of sums of ``|x|^power`` in ``acc``;
-  ``reread(factor)`` computes the same sums over ``x * factor`` from the data.
-  The rows are the sums over ``x * 2**-k`` and ``x * 2**k``, derived from
-  ``plain`` by exact multiplication unless a local, rare ``lax.cond`` finds a
-  plain sum that overflowed (with ``overflow``) or may have underflowed (with
-  ``underflow``, below ``2**-100`` for squares); only then are they reread, so
-  the common case reads the data once. :func:`root` takes the rescued row
-  where the plain sum left the range.
-  """
-  k = _rescale_exponent(acc)
-  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
-
-  def times(x, factor):
-    return _times(x, factor, power)
-
-  def derived(_):
-    return [times(p, shrink) for p in plain], [times(p, grow) for p in plain]
-
-  if not (overflow or underflow):
-    return derived(None)
-
-  def recomputed(_):
-    shrunk, grown = derived(None)
-    return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
-
-  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in plain]))
-  if underflow:
-    tiny = jnp.asarray(_tiny_partial(acc, power), acc)
-    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in plain]))
-  if not isinstance(fine, jax.core.Tracer):
-    # Outside jit the branch is known: the same result, without compiling a new
-    # conditional on every call (its branches are fresh closures).
-    return derived(None) if bool(fine) else recomputed(None)
-  return lax.cond(fine, derived, recomputed, None)
-
-
-def root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array | None, power: int
-         ) -> jax.Array:
-  """The norms of unrooted sums of ``|x|^power``, rescued where ``plain`` left the range.
-
-  ``sqrt(shrunk)·2^k`` (or ``shrunk·2^k`` for power 1) where ``plain``
-  overflowed, ``sqrt(grown)·2^-k`` where it may have underflowed (``grown``
-  ``None``: no underflow rescue), ``sqrt(plain)`` elsewhere, all through
-  :func:`safe_sqrt`.
-  """
-  dtype = plain.dtype
-  k = _rescale_exponent(dtype)
-  big, small = jnp.asarray(2.0**k, dtype), jnp.asarray(2.0**-k, dtype)
-  take = safe_sqrt if power == 2 else (lambda x: x)
-  value = take(plain)
-  if grown is not None:
-    underflowed = plain < jnp.asarray(_tiny_partial(dtype, power), dtype)
-    value = jnp.where(underflowed, take(grown) * small, value)
-  return jnp.where(jnp.isfinite(plain), value, take(shrunk) * big)
-
-
-
-
-def check_replicated(replicated: Any) -> None:
-  """Raises unless ``replicated`` is ``None``, a bool, or a pytree whose leaves are Python bools.
-
-  Called when a transform is built, so a bad value is caught with or without
-  ``axis_name``; :func:`replicated_mask` checks that it is a prefix of the
-  updates.
-  """
-  if replicated is None or isinstance(replicated, bool):
-    return
-  flags = jax.tree.leaves(replicated)
-  if not all(isinstance(f, bool) for f in flags):
-    raise ValueError(
-        f"replicated={replicated!r} must be a bool or a pytree prefix of the updates"
-        " holding Python bools, one per leaf or subtree")
-
-
-def replicated_mask(tree: Any, replicated: Any) -> list[bool]:
-  """Expands the pytree prefix ``replicated`` to one bool per leaf of ``tree``."""
-  check_replicated(replicated)
-  flags = _per_leaf(tree, replicated, "replicated", "a bool", lambda v: isinstance(v, bool))
-  return [bool(flag) for flag in flags]
-
-
-class Layout(NamedTuple):
-  """How the leaves of a tree split into tensors (static).
-
-  A leaf is one tensor, or, with a layer axis, one tensor per slice along it
-  (a scanned model's stacked layers).
-  """
-
-  layers: tuple[int | None, ...]  # per leaf, the layer axis (non-negative) or None
-  counts: tuple[int, ...]  # per leaf, how many tensors it holds
-
-  @property
-  def starts(self) -> tuple[int, ...]:
-    """Each leaf's first tensor, in the ``[n_tensors]`` vectors."""
-    return tuple(int(s) for s in np.cumsum((0,) + self.counts[:-1]))
-
-  def per_tensor(self, values: Sequence[Any]) -> np.ndarray:
-    """One value per leaf, repeated for each tensor the leaf holds."""
-    return np.repeat(np.asarray(values), self.counts)
-
-
-def layout(tree: Any, layer_axis: Any = None) -> Layout:
-  """The tensors of ``tree`` under the pytree prefix ``layer_axis`` of ``int | None``.
-
-  Raises ``ValueError`` naming the leaf's path when a layer axis is out of its range.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  axes = _per_leaf(tree, layer_axis, "layer_axis", "an int",
-                   lambda v: isinstance(v, int) and not isinstance(v, bool))
-  layers, counts = [], []
-  for (path, leaf), axis in zip(flat, axes):
-    shape = jnp.shape(leaf)
-    if axis is not None and not -len(shape) <= axis < len(shape):
-      raise ValueError(f"layer_axis={axis} is out of range for the leaf"
-                       f" {jax.tree_util.keystr(path)} of shape {shape}")
-    layers.append(None if axis is None else axis % len(shape))
-    counts.append(1 if axis is None else shape[axis])
-  return Layout(tuple(layers), tuple(counts))
 
 
 def _pmax(values: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -415,7 +169,7 @@ def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, ord: Ord,
   del acc  # the rescue constants follow plain's dtype, the accumulation dtype
   if ord == float("inf"):
     return plain
-  return root(plain, shrunk, grown, 2 if ord == 2 else 1)
+  return _partials.root(plain, shrunk, grown, 2 if ord == 2 else 1)
 
 
 class Norms(NamedTuple):
@@ -472,9 +226,9 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   """
   ord = check_ord(ord)
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
-  acc = accumulation_dtype(leaves)
-  shared = replicated_mask(tree, replicated)
-  tensors = layout(tree, layer_axis)
+  acc = _partials.accumulation_dtype(leaves)
+  shared = _layout.replicated_mask(tree, replicated)
+  tensors = _layout.layout(tree, layer_axis)
   sizes = _global_sizes(leaves, shared, tensors, axis_name)
   if not leaves:
     empty = jnp.zeros((0,), acc)

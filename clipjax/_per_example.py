@@ -6,9 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _base
+from . import _checks
+from . import _layout
 from . import _norms
 
 
@@ -80,7 +81,7 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
     Abadi et al., `Deep Learning with Differential Privacy
     <https://arxiv.org/abs/1607.00133>`_, 2016.
   """
-  _base.check_number("l2_norm_clip", l2_norm_clip, allow_schedule=False)
+  _checks.check_number("l2_norm_clip", l2_norm_clip, allow_schedule=False)
   _check_batch_dim(grads, "per_example_global_norm_clip")
   norms = jax.vmap(_norms.global_norm)(grads)
   multipliers = _multipliers(norms, l2_norm_clip)
@@ -125,10 +126,10 @@ def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.Arra
     McMahan et al., `Learning Differentially Private Recurrent Language Models
     <https://arxiv.org/abs/1710.06963>`_, 2018.
   """
-  _base.check_number("global_l2_norm_clip", global_l2_norm_clip, allow_schedule=False)
+  _checks.check_number("global_l2_norm_clip", global_l2_norm_clip, allow_schedule=False)
   leaves = _check_batch_dim(grads, "per_example_layer_norm_clip")
   treedef = jax.tree.structure(grads)
-  layout = _norms.layout(jax.tree.unflatten(treedef, [g[0] for g in leaves]), layer_axis)
+  layout = _layout.layout(jax.tree.unflatten(treedef, [g[0] for g in leaves]), layer_axis)
   sizes = [g[0].size // max(count, 1) for g, count in zip(leaves, layout.counts)]
   layers = sum(layout.counts)
   total = sum(size * count for size, count in zip(sizes, layout.counts))

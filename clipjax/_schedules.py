@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _base
+from . import _checks
 from . import _xla
 
 
 def _check(name: str, value: Any, *, positive: bool = False) -> None:
   """A concrete argument must be a finite number, ``>= 0`` (``> 0`` if ``positive``)."""
-  _base.check_number(name, value, strict_min=positive, allow_schedule=False, finite=True)
+  _checks.check_number(name, value, strict_min=positive, allow_schedule=False, finite=True)
 
 
 def _f32(value: jax.typing.ArrayLike) -> jax.Array:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from . import _base
+from . import _checks
+from . import _layout
 from . import _norms
 
 _F32 = jnp.float32
@@ -73,15 +75,15 @@ def _check_arguments(inner: Any, sigma_factor: Any, window: Any, min_history: An
     raise TypeError(
         f"skip_spikes: inner={inner!r} must be an optax.GradientTransformation"
         " (for optax.MultiSteps, pass its .gradient_transformation())")
-  _base.check_number("sigma_factor", sigma_factor, strict_min=True, allow_schedule=False)
-  size = _base.check_int("window", window, minimum=2)
+  _checks.check_number("sigma_factor", sigma_factor, strict_min=True, allow_schedule=False)
+  size = _checks.check_int("window", window, minimum=2)
   if min_history is not None:
-    least = _base.check_int("min_history", min_history, minimum=1)
+    least = _checks.check_int("min_history", min_history, minimum=1)
     if least is not None and size is not None and least > size:
       raise ValueError(f"{min_history=} must be <= {window=}")
-  _base.check_number("max_norm", max_norm, allow_none=True, allow_schedule=False)
+  _checks.check_number("max_norm", max_norm, allow_none=True, allow_schedule=False)
   if max_consecutive is not None:
-    _base.check_int("max_consecutive", max_consecutive, minimum=1)
+    _checks.check_int("max_consecutive", max_consecutive, minimum=1)
   return size
 
 
@@ -239,7 +241,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
     and Levanter's ``SkipStepConfig`` (https://github.com/stanford-crfm/levanter).
   """
   size = _check_arguments(inner, sigma_factor, window, min_history, max_norm, max_consecutive)
-  _norms.check_replicated(replicated)
+  _layout.check_replicated(replicated)
   inner = optax.with_extra_args_support(inner)
   stats_cls = _base.named_state(SkipStats, name)
 

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import optax
 
-from . import _base, _norms
+from . import _checks
+from . import _norms
 from ._base import Threshold
 from ._clipping import clip, clip_by_global_norm, clip_by_norm
 
@@ -75,7 +76,7 @@ def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = No
   if not given:
     return tx
   (option, value), = given.items()
-  _base.check_number(option, value)
+  _checks.check_number(option, value)
   clipper = _CLIPPERS[option](value, name=name)
   return optax.chain(clipper, tx)
 
@@ -144,7 +145,7 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
     (Array([0.6, 0.8], dtype=float32), 5.0)
   """
   ord = _norm_type(norm_type)
-  _base.check_number("max_norm", max_norm, allow_schedule=False)
+  _checks.check_number("max_norm", max_norm, allow_schedule=False)
   if not isinstance(error_if_nonfinite, (bool, np.bool_)):
     raise ValueError(f"{error_if_nonfinite=} must be a bool")
   clipped_grads, state = clip_by_global_norm(max_norm, ord=ord).update(grads, None)
@@ -183,7 +184,7 @@ def clip_grad_value(grads: Any, clip_value: float | jax.Array) -> Any:
     >>> clipjax.clip_grad_value({"w": jnp.array([0.5, -3.0, 2.0])}, clip_value=1.0)["w"]
     Array([ 0.5, -1. ,  1. ], dtype=float32)
   """
-  _base.check_number("clip_value", clip_value, allow_schedule=False)
+  _checks.check_number("clip_value", clip_value, allow_schedule=False)
   clamped, _ = clip(clip_value).update(grads, None)
   return clamped
 

@@ -14,7 +14,7 @@ from _trees import np_unit_norms
 from _trees import random_tree
 # The only package internals the tests use: where they move, only these lines change.
 from clipjax._norms import check_ord
-from clipjax._norms import replicated_mask
+from clipjax._layout import replicated_mask
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 SHAPES = {"dense": {"kernel": (7, 5), "bias": (5,)}, "conv": (3, 3, 2, 4), "scalar": ()}

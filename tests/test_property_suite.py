@@ -28,7 +28,6 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import clipjax

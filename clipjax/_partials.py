@@ -1,0 +1,189 @@
+"""The unrooted partial norm of a leaf, and its overflow/underflow rescue.
+
+A partial is ``sum|x|^ord`` (or ``max|x|``) of one leaf, accumulated in
+float32 (float64 under x64). Squares of float16/bfloat16 values, and of
+large float32 ones, can leave that range: :func:`rescued` recomputes the
+partials over rescaled values only when a rare, local ``lax.cond`` finds one
+that did, and :func:`root` takes the rescued value where the plain one left
+the range. ``_norms`` (per-tensor and global norms) and ``_agc`` (per-unit
+norms) measure through here.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _xla
+
+Ord = int | float
+
+
+def accumulation_dtype(leaves: Sequence[jax.typing.ArrayLike]) -> jnp.dtype:
+  """float64 when any leaf is float64 (only possible under x64), else float32."""
+  for leaf in leaves:
+    dtype = jnp.asarray(leaf).dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      dtype = jnp.finfo(dtype).dtype
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 64:
+      return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def _rescale_exponent(acc: jnp.dtype) -> int:
+  # The rescue passes multiply elements by 2**-k (overflow) or 2**k (underflow)
+  # before squaring: k is large enough that a sum of 2**40 squared maximal
+  # values stays finite after shrinking, and that the smallest subnormal
+  # squares to a normal number after growing.
+  return (jnp.finfo(acc).maxexp + 48) // 2
+
+
+def _tiny_partial(acc: jnp.dtype, power: int) -> float:
+  """Below this an unrooted partial of ``|x|^power`` may have lost elements to underflow."""
+  return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` of a sum of squares, with a finite derivative everywhere.
+
+  Every root of a sum of squares in the package is taken here. The derivative
+  at 0 is 0 (the subgradient of a norm at zero, as ``optax.safe_norm``), not
+  inf: the inner ``where`` gives ``sqrt`` a safe input, so a branch that a
+  ``where`` does not select cannot turn its zero cotangent into
+  ``0 · inf = NaN``. NaN and inf pass through.
+  """
+  zero = x == 0
+  root = jnp.sqrt(jnp.where(zero, jnp.ones((), x.dtype), x))
+  return jnp.where(zero, jnp.zeros((), x.dtype), root)
+
+
+@jax.custom_jvp
+def _nan_max(x: jax.Array) -> jax.Array:
+  """``max(x)`` of nonnegative ``x`` that is NaN when some element is, on every backend.
+
+  XLA's max all-reduce on CPU drops NaN operands, also where the partitioner
+  inserts it (a sharded leaf under plain ``jit``). The max is taken over the
+  bit patterns instead, which order nonnegative floats and put NaN above inf:
+  an integer reduction, exact. The sign bit is cleared (a NaN may carry one).
+  """
+  ints = jnp.int64 if x.dtype.itemsize == 8 else jnp.int32
+  bits = lax.bitcast_convert_type(x, ints) & jnp.asarray(jnp.iinfo(ints).max, ints)
+  return lax.bitcast_convert_type(jnp.max(bits), x.dtype)
+
+
+@_nan_max.defjvp
+def _nan_max_jvp(primals, tangents):
+  # As jnp.max: the tangent is shared equally by the elements equal to the max.
+  (x,), (t,) = primals, tangents
+  top = _nan_max(x)
+  at = (x == top).astype(x.dtype)
+  return top, jnp.sum(at * t) / jnp.sum(at)
+
+
+def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``|x|`` in ``acc``, with derivative 0 at ``x = 0``.
+
+  0 is the subgradient every norm here takes at zero (``jnp.abs`` would give
+  1, or NaN for a complex 0); the inner ``where`` keeps ``abs`` off 0.
+  """
+  zero = leaf == 0
+  safe = jnp.where(zero, jnp.ones((), leaf.dtype), leaf)
+  return jnp.where(zero, jnp.zeros((), acc), jnp.abs(safe).astype(acc))
+
+
+def partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
+             layer: int | None = None) -> jax.Array:
+  """The local, unrooted partial norm of one leaf: sum|x|^ord or max|x|.
+
+  A scalar; with ``layer``, a vector with one partial per slice along that axis.
+  """
+  x = _xla.to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
+  if factor != 1.0:
+    x = x * _xla.opaque(factor, acc)
+  axes = None if layer is None else tuple(i for i in range(x.ndim) if i != layer)
+  if x.size == 0:
+    return jnp.zeros(() if layer is None else (x.shape[layer],), acc)
+  if ord == 2:
+    return jnp.sum(x * x, axis=axes)
+  if ord == 1:
+    return jnp.sum(x, axis=axes)
+  return _nan_max(x) if axes is None else jnp.max(x, axis=axes)
+
+
+def can_overflow(leaves: Sequence[jax.Array], acc: jnp.dtype) -> bool:
+  """Whether a squared element of some leaf can exceed the accumulation range."""
+  acc_exp = jnp.finfo(acc).maxexp
+  return any(2 * jnp.finfo(leaf.dtype).maxexp > acc_exp
+             for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact))
+
+
+def _times(partial: jax.Array, factor: jax.Array, ord: Ord) -> jax.Array:
+  """A partial of ``x`` turned into the partial of ``x·factor`` (exactly, while representable).
+
+  For ord 2 the factor applies twice: ``factor²`` is outside the accumulation range.
+  """
+  for _ in range(2 if ord == 2 else 1):
+    partial = partial * factor
+  return partial
+
+
+def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
+            acc: jnp.dtype, power: int, *, overflow: bool, underflow: bool
+            ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The shrunk and grown rows of the local unrooted partials ``plain``.
+
+  ``plain`` is a list of arrays of sums of ``|x|^power`` in ``acc``;
+  ``reread(factor)`` computes the same sums over ``x * factor`` from the data.
+  The rows are the sums over ``x * 2**-k`` and ``x * 2**k``, derived from
+  ``plain`` by exact multiplication unless a local, rare ``lax.cond`` finds a
+  plain sum that overflowed (with ``overflow``) or may have underflowed (with
+  ``underflow``, below ``2**-100`` for squares); only then are they reread, so
+  the common case reads the data once. :func:`root` takes the rescued row
+  where the plain sum left the range.
+  """
+  k = _rescale_exponent(acc)
+  shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
+
+  def times(x, factor):
+    return _times(x, factor, power)
+
+  def derived(_):
+    return [times(p, shrink) for p in plain], [times(p, grow) for p in plain]
+
+  if not (overflow or underflow):
+    return derived(None)
+
+  def recomputed(_):
+    shrunk, grown = derived(None)
+    return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
+
+  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in plain]))
+  if underflow:
+    tiny = jnp.asarray(_tiny_partial(acc, power), acc)
+    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in plain]))
+  if not isinstance(fine, jax.core.Tracer):
+    # Outside jit the branch is known: the same result, without compiling a new
+    # conditional on every call (its branches are fresh closures).
+    return derived(None) if bool(fine) else recomputed(None)
+  return lax.cond(fine, derived, recomputed, None)
+
+
+def root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array | None, power: int
+         ) -> jax.Array:
+  """The norms of unrooted sums of ``|x|^power``, rescued where ``plain`` left the range.
+
+  ``sqrt(shrunk)·2^k`` (or ``shrunk·2^k`` for power 1) where ``plain``
+  overflowed, ``sqrt(grown)·2^-k`` where it may have underflowed (``grown``
+  ``None``: no underflow rescue), ``sqrt(plain)`` elsewhere, all through
+  :func:`safe_sqrt`.
+  """
+  dtype = plain.dtype
+  k = _rescale_exponent(dtype)
+  big, small = jnp.asarray(2.0**k, dtype), jnp.asarray(2.0**-k, dtype)
+  take = safe_sqrt if power == 2 else (lambda x: x)
+  value = take(plain)
+  if grown is not None:
+    underflowed = plain < jnp.asarray(_tiny_partial(dtype, power), dtype)
+    value = jnp.where(underflowed, take(grown) * small, value)
+  return jnp.where(jnp.isfinite(plain), value, take(shrunk) * big)
