@@ -23,6 +23,7 @@ import optax
 
 from . import _base
 from . import _checks
+from . import _docs
 from . import _layout
 from . import _norms
 from ._base import ClipStats
@@ -63,6 +64,7 @@ def _percentile(buffer: jax.Array, filled: jax.Array, percentile: jax.Array) -> 
   return jnp.where(filled > 0, value, jnp.inf)
 
 
+@_docs.fill
 def autoclip(percentile: float = 10.0, history: int = 1024, *,
              axis_name: _norms.AxisName = None,
              replicated: Any = None,
@@ -90,19 +92,13 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
       every norm since the start of training. The buffer length is read from
       the state, so under ``optax.inject_hyperparams`` the value given at
       ``init`` is the one that counts.
-    axis_name: mapped axis name(s) over which the leaves are sharded; the
-      global norm is taken over all shards with one collective.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"autoclip"``), to tell apart two transforms of one kind.
+    {axis_name}
+    {replicated}
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is an :class:`AutoclipState`.
+  {returns: AutoclipState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.autoclip(percentile=50.0, history=4)
     >>> state = tx.init(None)
     >>> for norm in [1.0, 2.0, 3.0, 40.0]:
@@ -167,6 +163,7 @@ class AdagcState(NamedTuple):
   stats: ClipStats
 
 
+@_docs.fill
 def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
           warmup_steps: int = 100, *, axis_name: _norms.AxisName = None,
           replicated: Any = None, layer_axis: Any = None,
@@ -203,21 +200,16 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     axis_name: mapped axis name(s) over which the leaves are sharded; the
       per-tensor and global norms are taken over all shards with one
       collective.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
+    {replicated}
     layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
       (a scanned model's stacked layers) holds one tensor, with its own γ,
       per slice along that axis. Give ``init`` the same tree structure.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"adagc"``), to tell apart two transforms of one kind.
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is an :class:`AdagcState`.
+  {returns: AdagcState}
     Its ``init`` needs the parameters (or any tree of the updates' structure).
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 1.0])}
     >>> tx = clipjax.adagc(lambda_abs=1.0, lambda_rel=1.0, warmup_steps=1)
     >>> state = tx.init(grads)
@@ -293,6 +285,7 @@ class QuantileClipState(NamedTuple):
   stats: ClipStats
 
 
+@_docs.fill
 def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
                   initial_norm: float = 1.0, *, axis_name: _norms.AxisName = None,
                   replicated: Any = None,
@@ -319,20 +312,13 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
     learning_rate: the step of the geometric update (> 0). Default 0.2, the
       value Andrew et al. recommend.
     initial_norm: ``C`` at the first step (> 0). Default 1.0.
-    axis_name: mapped axis name(s) over which the leaves are sharded; the
-      global norm is taken over all shards with one collective.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"quantile_clip"``), to tell apart two transforms of one kind.
+    {axis_name}
+    {replicated}
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a
-    :class:`QuantileClipState`.
+  {returns: QuantileClipState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.quantile_clip(target_quantile=0.5, learning_rate=0.2)
     >>> updates, state = tx.update(jnp.array([3.0, 4.0]), tx.init(None))
     >>> updates, float(state.stats.threshold)  # clipped at C = 1

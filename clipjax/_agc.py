@@ -13,6 +13,7 @@ import optax
 
 from . import _base
 from . import _checks
+from . import _docs
 from . import _layout
 from . import _norms
 from . import _partials
@@ -125,6 +126,7 @@ def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
   return any(i < len(spec) and spec[i] is not None for i in axes)
 
 
+@_docs.fill
 def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
   """The L2 norm of each unit of ``x``, broadcast back to ``x``'s shape.
 
@@ -142,9 +144,7 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
   Returns:
     An array of ``x``'s shape holding each element's unit norm.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> clipjax.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
     Array([[5., 1.],
            [5., 1.]], dtype=float32)
@@ -207,6 +207,7 @@ def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
   return _base.make_stats(largest, limit, smallest, clipped, finite)
 
 
+@_docs.fill
 def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None, *,
                        axis_name: _norms.AxisName = None, replicated: Any = None,
                        layer_axis: Any = None,
@@ -251,8 +252,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
       axes inferred from the rank of one slice (an ``(layers, in, out)``
       kernel has units over ``in`` per layer), exactly like the unscanned
       model.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"adaptive_grad_clip"``), to tell apart two transforms of one kind.
+    {name}
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -260,9 +260,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     ``ValueError`` without them, or when their structure or a leaf's shape
     differs from the updates'.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 2.0]])}  # unit (column) norms 5 and 2
     >>> grads = {"w": jnp.array([[0.3, 3.0], [0.4, 4.0]])}  # unit norms 0.5 and 5
     >>> tx = clipjax.adaptive_grad_clip(0.5)

@@ -11,6 +11,7 @@ import optax
 
 from . import _base
 from . import _checks
+from . import _docs
 from . import _layout
 from . import _norms
 from . import _stats
@@ -30,6 +31,14 @@ def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> Non
   # A floor must be finite: an infinite one would make every nonzero update inf.
   _checks.check_number(low_name, low, allow_none=True, finite=True)
   _checks.check_order(low_name, low, high_name, high)
+
+
+def _check_norm_arguments(max_norm: Any, min_norm: Any, ord: Any, replicated: Any) -> Any:
+  """The checks of the per-leaf and the global norm clipper; returns the checked ``ord``."""
+  _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
+  ord = _norms.check_ord(ord)
+  _layout.check_replicated(replicated)
+  return ord
 
 
 class LeafClipStats(NamedTuple):
@@ -63,6 +72,7 @@ def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
                           jnp.all(finite))
 
 
+@_docs.fill
 def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
          axis_name: _norms.AxisName = None,
          name: str | None = None) -> optax.GradientTransformation:
@@ -85,15 +95,11 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
       clamp itself is element-wise; the axis makes the statistics and the
       non-finite check global (one ``pmax``), so every device passes a
       non-finite update through together.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"clip"``), to tell apart two transforms of one kind.
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`ClipState`.
+  {returns: ClipState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.clip(1.0, min_delta=0.01)
     >>> updates, state = tx.update(jnp.array([0.0, 1e-4, -3.0]), tx.init(None))
     >>> updates
@@ -147,6 +153,7 @@ def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
   return smallest
 
 
+@_docs.fill
 def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                  ord: int | float = 2, axis_name: _norms.AxisName = None,
                  replicated: Any = None, layer_axis: Any = None,
@@ -174,28 +181,22 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
       (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
       as one tensor per slice along that axis, so it is clipped exactly like
       the unscanned model. The axis must not be sharded over ``axis_name``.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"clip_by_norm"``), to tell apart two transforms of one kind.
+    {name}
     leaf_stats: also keep each leaf's norm and the fraction of tensors clipped
       (:class:`LeafClipStats`); :func:`clipjax.clip_stats` reports them by
       path, as ``"clip_by_norm/leaf_norms/<path>"`` and
       ``"clip_by_norm/clipped_fraction"``. ``init`` then needs the parameters.
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`ClipByNormState`.
+  {returns: ClipByNormState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.clip_by_norm(1.0)
     >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
     >>> updates, _ = tx.update(grads, tx.init(grads))
     >>> updates["a"], updates["b"]
     (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
   """
-  _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
-  ord = _norms.check_ord(ord)
-  _layout.check_replicated(replicated)
+  ord = _check_norm_arguments(max_norm, min_norm, ord, replicated)
 
   def rule(updates, high, low, params):
     del params
@@ -224,6 +225,7 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                                    init_stats if leaf_stats else None)
 
 
+@_docs.fill
 def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                         ord: int | float = 2, axis_name: _norms.AxisName = None,
                         replicated: Any = None,
@@ -246,18 +248,12 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
     axis_name: mapped axis name(s) over which the leaves are sharded
       (``shard_map``, ``pmap``); the norm is global over them, with one
       ``psum`` (``pmax`` for inf) per update.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"clip_by_global_norm"``), to tell apart two transforms of one kind.
+    {replicated}
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a
-    :class:`ClipByGlobalNormState`.
+  {returns: ClipByGlobalNormState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.clip_by_global_norm(1.0)
     >>> grads = {"w": jnp.full((1000,), 300.0, jnp.float16)}
     >>> updates, state = tx.update(grads, tx.init(grads))
@@ -270,9 +266,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
     Pascanu, Mikolov and Bengio, `On the difficulty of training recurrent
     neural networks <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
-  _check_thresholds("max_norm", max_norm, "min_norm", min_norm)
-  ord = _norms.check_ord(ord)
-  _layout.check_replicated(replicated)
+  ord = _check_norm_arguments(max_norm, min_norm, ord, replicated)
 
   def rule(updates, high, low, params):
     del params
@@ -286,6 +280,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   return _base.threshold_transform(state_cls, rule, max_norm, min_norm)
 
 
+@_docs.fill
 def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None,
                       replicated: Any = None,
                       layer_axis: Any = None,
@@ -311,16 +306,11 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
       (a scanned model's stacked layers, e.g. ``0`` for ``nnx.scan``) counts
       as one block per slice along that axis, so it is clipped exactly like
       the unscanned model. The axis must not be sharded over ``axis_name``.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"clip_by_block_rms"``), to tell apart two transforms of one kind.
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a
-    :class:`ClipByBlockRmsState`.
+  {returns: ClipByBlockRmsState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.clip_by_block_rms(1.0)
     >>> updates, _ = tx.update([jnp.array([3.0, -3.0, 3.0, -3.0])], tx.init(None))
     >>> updates[0]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _docs
 from . import _layout
 from . import _partials
 from . import _xla
@@ -271,6 +272,7 @@ def _total_norm(leaves: list[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
   return Norms(None, _root(rows[0], rows[1], rows[2], ord, acc), sizes, tensors, ())
 
 
+@_docs.fill
 def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
                 replicated: Any = None) -> jax.Array:
   """The norm of a whole pytree, accumulated in float32 and overflow-safe.
@@ -293,9 +295,7 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
   Returns:
     A float32 scalar (float64 when the tree holds float64 leaves).
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> grads = {"w": jnp.full((1000,), 300.0, jnp.float16)}
     >>> float(clipjax.global_norm(grads))  # 300 * sqrt(1000); float16 would overflow
     9486.8330078125
@@ -305,6 +305,7 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
   return measure(tree, ord, axis_name=axis_name, replicated=replicated, per_leaf=False).total
 
 
+@_docs.fill
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
                replicated: Any = None, layer_axis: Any = None) -> jax.Array:
   """The norm of each leaf (tensor), stacked in ``jax.tree.leaves`` order.
@@ -319,9 +320,7 @@ def leaf_norms(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
     A ``[n_tensors]`` float32 array (float64 when the tree holds float64
     leaves): one norm per leaf, or per slice of a leaf with a layer axis.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> clipjax.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.array([-2.0])})
     Array([5., 2.], dtype=float32)
     >>> clipjax.leaf_norms({"stacked": jnp.array([[3.0, 4.0], [0.0, 1.0]])}, layer_axis=0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from . import _base
 from . import _checks
+from . import _docs
 from . import _layout
 from . import _norms
 
@@ -50,6 +51,7 @@ def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
   return summed.astype(out)
 
 
+@_docs.fill
 def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
                                  ) -> tuple[Any, jax.Array]:
   """Clips each example's gradient to global L2 norm ``l2_norm_clip``, then sums.
@@ -70,9 +72,7 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
     per-example gradients (a pytree without the batch axis), and how many
     examples were clipped (int32).
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> grads = [jnp.array([[0., 0., 0.], [0., 3., 4.], [4., 0., 3.], [3., 4., 0.]])]
     >>> clipjax.per_example_global_norm_clip(grads, 1.25)
     ([Array([1.75, 1.75, 1.75], dtype=float32)], Array(3, dtype=int32))
@@ -89,6 +89,7 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: jax.typing.ArrayLike
   return jax.tree.map(lambda g: _weighted_sum(multipliers, jnp.asarray(g)), grads), num_clipped
 
 
+@_docs.fill
 def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.ArrayLike,
                                 uniform: bool = True, layer_axis: Any = None
                                 ) -> tuple[Any, Any]:
@@ -115,9 +116,7 @@ def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: jax.typing.Arra
     and a pytree (same structure) of clipped-example counts: an int32 scalar
     per leaf, or a vector with one count per slice for a leaf with a layer axis.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> grads = [jnp.array([[0., 0., 0.], [0., 3., 4.], [4., 0., 3.], [3., 4., 0.]])]
     >>> clipjax.per_example_layer_norm_clip(grads, 1.25)
     ([Array([1.75, 1.75, 1.75], dtype=float32)], [Array(3, dtype=int32)])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks
+from . import _docs
 from . import _xla
 
 
@@ -41,6 +42,7 @@ def _step(count: jax.typing.ArrayLike) -> jax.Array:
   return jnp.maximum(_f32(count), jnp.zeros((), jnp.float32))
 
 
+@_docs.fill
 def polynomial_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing.ArrayLike,
                      power: jax.typing.ArrayLike = 1.0,
                      end_value: jax.typing.ArrayLike = 0.0) -> optax.Schedule:
@@ -61,13 +63,9 @@ def polynomial_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing.A
     power: ``p``, the exponent of the polynomial, ``>= 0`` (1 is linear decay).
     end_value: the value from step ``T`` on, a finite number ``>= 0``.
 
-  Returns:
-    An ``optax.Schedule``: step count (int or int32 array, traceable) to a
-    float32 scalar.
+  {schedule_returns}
 
-  Raises:
-    ValueError: when a concrete argument is out of range, e.g.
-      ``decay_steps=0 must be > 0``.
+  {raises: decay_steps=0 must be > 0}
 
   Example:
     >>> import clipjax
@@ -93,6 +91,7 @@ def polynomial_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing.A
   return schedule
 
 
+@_docs.fill
 def inverse_sqrt_decay(init_value: jax.typing.ArrayLike,
                        timescale: jax.typing.ArrayLike = 1.0) -> optax.Schedule:
   r"""Decays as the inverse square root of the step.
@@ -109,13 +108,9 @@ def inverse_sqrt_decay(init_value: jax.typing.ArrayLike,
     init_value: the value at step 0, a finite number ``>= 0``.
     timescale: ``τ``, the step scale of the decay, ``> 0``.
 
-  Returns:
-    An ``optax.Schedule``: step count (int or int32 array, traceable) to a
-    float32 scalar.
+  {schedule_returns}
 
-  Raises:
-    ValueError: when a concrete argument is out of range, e.g.
-      ``timescale=0.0 must be > 0``.
+  {raises: timescale=0.0 must be > 0}
 
   Example:
     >>> import clipjax
@@ -138,6 +133,7 @@ def inverse_sqrt_decay(init_value: jax.typing.ArrayLike,
   return schedule
 
 
+@_docs.fill
 def inverse_time_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing.ArrayLike,
                        power: jax.typing.ArrayLike = 1.0,
                        staircase: bool = False) -> optax.Schedule:
@@ -160,13 +156,9 @@ def inverse_time_decay(init_value: jax.typing.ArrayLike, decay_steps: jax.typing
     power: ``p``, the exponent of the denominator, ``>= 0``.
     staircase: whether to decay in discrete steps, every ``decay_steps`` steps.
 
-  Returns:
-    An ``optax.Schedule``: step count (int or int32 array, traceable) to a
-    float32 scalar.
+  {schedule_returns}
 
-  Raises:
-    ValueError: when a concrete argument is out of range, e.g.
-      ``power=-1.0 must be >= 0``.
+  {raises: power=-1.0 must be >= 0}
 
   Example:
     >>> import clipjax

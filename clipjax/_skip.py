@@ -18,6 +18,7 @@ import optax
 
 from . import _base
 from . import _checks
+from . import _docs
 from . import _layout
 from . import _norms
 
@@ -144,6 +145,7 @@ def _select(skipped: jax.Array, inner_updates: Any, new_inner: Any, old_inner: A
   return updates, kept
 
 
+@_docs.fill
 def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.0,
                 window: int = 128, min_history: int | None = None,
                 max_norm: float | None = None, max_consecutive: int | None = None,
@@ -205,10 +207,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
       global norm is taken over all shards with one collective. Pass a loss
       that is the same on every device (e.g. ``lax.pmean`` of it), so every
       device decides alike.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"skip_spikes"``), to tell apart two transforms of one kind.
+    {replicated}
+    {name}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

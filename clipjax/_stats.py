@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _base, _norms
+from . import _base, _docs, _norms
 
 _STATS_KEY = "stats"
 _FIELDS = _base.ClipStats._fields
@@ -52,6 +52,7 @@ def path_name(keypath: Sequence[Any], sep: str = "/") -> str:
   return jax.tree_util.keystr(tuple(keypath), simple=True, separator=sep)
 
 
+@_docs.fill
 def norms_by_path(tree: Any, ord: int | float | str = 2, *,  # noqa: A002 - optax's name.
                   axis_name: _norms.AxisName = None, replicated: Any = None,
                   sep: str = "/") -> dict[str, jax.Array]:
@@ -81,8 +82,7 @@ def norms_by_path(tree: Any, ord: int | float | str = 2, *,  # noqa: A002 - opta
     ord: ``1``, ``2`` or ``inf`` (``jnp.inf``, ``float("inf")``, ``"inf"``).
     axis_name: mapped axis name(s) over which the leaves are sharded
       (``shard_map``, ``pmap``); every norm is then global over them.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
+    {replicated}
     sep: the separator between the keys of a path (a non-empty string).
 
   Returns:
@@ -92,9 +92,7 @@ def norms_by_path(tree: Any, ord: int | float | str = 2, *,  # noqa: A002 - opta
     ValueError: when ``ord`` is not 1, 2 or inf, ``sep`` is empty, or two
       leaves have the same name (keys that contain ``sep``).
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> grads = {"dense": {"kernel": jnp.array([3.0, 4.0]), "bias": jnp.array([-2.0])}}
     >>> {k: float(v) for k, v in clipjax.norms_by_path(grads).items()}
     {'dense/bias': 2.0, 'dense/kernel': 5.0}

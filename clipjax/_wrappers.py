@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from . import _checks
+from . import _docs
 from . import _norms
 from ._base import Threshold
 from ._clipping import clip, clip_by_global_norm, clip_by_norm
@@ -85,6 +86,7 @@ _CLIPPERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "clipnorm": clip_by_norm, "clipvalue": clip, "global_clipnorm": clip_by_global_norm}
 
 
+@_docs.fill
 def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | str = 2.0,
                    error_if_nonfinite: bool = False) -> tuple[Any, jax.Array]:
   """Clips a gradient tree to global norm at most ``max_norm``, as PyTorch's ``clip_grad_norm_``.
@@ -136,9 +138,7 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
     RuntimeError: when ``error_if_nonfinite`` and the total norm is not
       finite (see above for the form it takes under a transformation).
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> grads = {"w": jnp.array([3.0, 4.0])}
     >>> clipped, total_norm = clipjax.clip_grad_norm(grads, max_norm=1.0)
     >>> clipped["w"], float(total_norm)
@@ -155,6 +155,7 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
   return clipped_grads, total_norm
 
 
+@_docs.fill
 def clip_grad_value(grads: Any, clip_value: float | jax.Array) -> Any:
   """Clamps each gradient element to ``[-clip_value, clip_value]``, as torch's ``clip_grad_value_``.
 
@@ -178,9 +179,7 @@ def clip_grad_value(grads: Any, clip_value: float | jax.Array) -> Any:
   Raises:
     ValueError: when ``clip_value`` is negative or not a number.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> clipjax.clip_grad_value({"w": jnp.array([0.5, -3.0, 2.0])}, clip_value=1.0)["w"]
     Array([ 0.5, -1. ,  1. ], dtype=float32)
   """

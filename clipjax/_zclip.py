@@ -17,6 +17,7 @@ import optax
 
 from . import _base
 from . import _checks
+from . import _docs
 from . import _norms
 from . import _partials
 from ._base import ClipStats, Threshold
@@ -42,6 +43,7 @@ _ZCLIP_MODES = ("zscore", "percentile")
 _ZCLIP_OPTIONS = ("adaptive_scaling", "mean")
 
 
+@_docs.fill
 def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
           max_norm: Threshold | None = None, *, mode: str = "zscore",
           clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
@@ -99,19 +101,13 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     clip_factor: multiplies the adaptive threshold (> 0). Default 1.0.
     skip_update_on_spike: leave ``μ`` and ``σ²`` unchanged on a spike.
     eps: added to ``σ`` in the z-score (>= 0). Default 1e-6.
-    axis_name: mapped axis name(s) over which the leaves are sharded; the
-      global norm is taken over all shards with one collective.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name``; they are counted once.
-    name: the prefix of its statistics in :func:`clipjax.clip_stats`
-      (default ``"zclip"``), to tell apart two transforms of one kind.
+    {axis_name}
+    {replicated}
+    {name}
 
-  Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`ZclipState`.
+  {returns: ZclipState}
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import clipjax
+  {example}
     >>> tx = clipjax.zclip(warmup_steps=4)
     >>> state = tx.init(None)
     >>> for norm in [0.9, 1.1, 0.9, 1.1, 100.0]:
