@@ -165,12 +165,15 @@ def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Ar
 
 
 def _root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array, ord: Ord,
-          acc: jnp.dtype) -> jax.Array:
-  """Turns unrooted partials into a norm, rescued where ``plain`` left the range."""
-  del acc  # the rescue constants follow plain's dtype, the accumulation dtype
+          small: bool) -> jax.Array:
+  """Turns unrooted partials into a norm, rescued where ``plain`` left the range.
+
+  Without ``small`` nothing below the float32 range of squares was asked for:
+  the underflow rescue, and its work per tensor, is left out.
+  """
   if ord == float("inf"):
     return plain
-  return _partials.root(plain, shrunk, grown, 2 if ord == 2 else 1)
+  return _partials.root(plain, shrunk, grown if small else None, 2 if ord == 2 else 1)
 
 
 class Norms(NamedTuple):
@@ -186,9 +189,9 @@ class Norms(NamedTuple):
   per_leaf: tuple[jax.Array, ...]  # per leaf: its norm, or one per slice with a layer axis
 
 
-def _norms_of(rows: list[Rows], ord: Ord, acc: jnp.dtype, sizes: np.ndarray,
+def _norms_of(rows: list[Rows], ord: Ord, small: bool, sizes: np.ndarray,
               layout: Layout) -> Norms:
-  per_leaf = tuple(_root(*r, ord, acc) for r in rows)
+  per_leaf = tuple(_root(*r, ord, small) for r in rows)
   # Computed once: otherwise XLA fuses the whole tree's reduction into every
   # leaf-sized kernel that reads the total (n reductions copied n times).
   plain, shrunk, grown = _xla.materialized(jnp.stack([_flat([r[i] for r in rows])
@@ -196,8 +199,8 @@ def _norms_of(rows: list[Rows], ord: Ord, acc: jnp.dtype, sizes: np.ndarray,
   if ord == float("inf"):
     total = jnp.max(plain, initial=0.0)
   else:
-    total = _root(jnp.sum(plain), jnp.sum(shrunk), jnp.sum(grown), ord, acc)
-  return Norms(_root(plain, shrunk, grown, ord, acc), total, sizes, layout, per_leaf)
+    total = _root(jnp.sum(plain), jnp.sum(shrunk), jnp.sum(grown), ord, small)
+  return Norms(_root(plain, shrunk, grown, ord, small), total, sizes, layout, per_leaf)
 
 
 def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool], layout: Layout,
@@ -246,7 +249,7 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   if axis_name is not None:
     maximum = ord == float("inf") if len(ords) == 1 else pick == float("inf")
     rows = _reduced_rows(rows, tensors, axis_name, maximum, shared)
-  results = [_norms_of(rows, o, acc, sizes, tensors) for o in ords]
+  results = [_norms_of(rows, o, small, sizes, tensors) for o in ords]
   norms = results[0]
   for value, option in zip(ords[1:], results[1:]):
     def choose(a, b, v=value):
@@ -269,7 +272,7 @@ def _total_norm(leaves: list[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
   rows = _total_rows(leaves, ord, acc, small, keep)
   if axis_name is not None:
     rows = all_reduce(rows, axis_name, maximum=ord == float("inf"))
-  return Norms(None, _root(rows[0], rows[1], rows[2], ord, acc), sizes, tensors, ())
+  return Norms(None, _root(rows[0], rows[1], rows[2], ord, small), sizes, tensors, ())
 
 
 @_docs.fill

@@ -180,10 +180,12 @@ def root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array | None, power: in
   """
   dtype = plain.dtype
   k = _rescale_exponent(dtype)
-  big, small = jnp.asarray(2.0**k, dtype), jnp.asarray(2.0**-k, dtype)
-  take = safe_sqrt if power == 2 else (lambda x: x)
-  value = take(plain)
+  one, big, small = (jnp.asarray(v, dtype) for v in (1.0, 2.0**k, 2.0**-k))
+  # The sum is chosen before the one root is taken (one sqrt per norm, not three);
+  # the power-of-two factor is exact.
+  finite = jnp.isfinite(plain)
+  chosen, factor = jnp.where(finite, plain, shrunk), jnp.where(finite, one, big)
   if grown is not None:
     underflowed = plain < jnp.asarray(_tiny_partial(dtype, power), dtype)
-    value = jnp.where(underflowed, take(grown) * small, value)
-  return jnp.where(jnp.isfinite(plain), value, take(shrunk) * big)
+    chosen, factor = jnp.where(underflowed, grown, chosen), jnp.where(underflowed, small, factor)
+  return (safe_sqrt(chosen) if power == 2 else chosen) * factor
