@@ -1,5 +1,6 @@
 # make demo   – create .venv, install clipjax with the examples, run the main example
 # make test   – create .venv, install clipjax with the test extras, run the whole suite
+#                on every core (pytest-xdist); TEST_ARGS is passed to pytest, e.g. -m 'not slow'
 # make bench  – create .venv, install the benchmark extras (CPU torch), run the benchmarks
 #                (about 6 min on a quiet 2-core machine)
 # make bench-compile – create .venv, install flax and matplotlib, run the compile-time sweep
@@ -18,6 +19,7 @@ PIP := $(PY) -m pip
 # The PyTorch release whose CPU build is installed for the benchmarks.
 TORCH_VERSION ?= 2.13.0
 BENCH_ARGS ?=
+TEST_ARGS ?=
 
 .PHONY: demo test bench bench-compile bench-smoke docs clean
 
@@ -46,7 +48,7 @@ demo: $(VENV)/.examples
 	$(PY) examples/compare_clipping.py
 
 test: $(VENV)/.test
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto $(TEST_ARGS)
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_clip.py $(BENCH_ARGS)

@@ -21,8 +21,11 @@ finite = st.one_of(
     st.builds(lambda sign, exponent: sign * 10.0**exponent, st.sampled_from([-1.0, 1.0]),
               st.floats(-30.0, 3.0)),
     st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32))
-leaf = hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=5), elements=finite)
-trees = st.lists(leaf, min_size=1, max_size=4)
+# Trees of a few fixed layouts (a scalar, a vector, mixed ranks): each layout is compiled
+# once per case, and the examples vary the values, where the properties can break.
+LAYOUTS = ([()], [(5,)], [(2, 3), (4,)], [(3, 1, 2), (), (5, 5), (1,)])
+trees = st.sampled_from(LAYOUTS).flatmap(lambda shapes: st.tuples(
+    *[hnp.arrays(np.float32, shape, elements=finite) for shape in shapes]).map(list))
 thresholds = st.floats(1e-3, 1e3)
 
 _jitted = {}
