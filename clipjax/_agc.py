@@ -93,7 +93,7 @@ def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
   """The L2 norm of every unit of every leaf (reduced over its ``axes``, with ``keepdims``).
 
   Overflow-safe as :func:`clipjax.global_norm`, through the rescue of
-  ``_norms``: each leaf is read once for its plain unit sums; only when one
+  ``_partials``: each leaf is read once for its plain unit sums; only when one
   of them overflowed on this device does a local ``lax.cond`` reread the
   leaves on ``x * 2**-k``. With ``axis_name`` the plain and shrunk sums of all
   leaves are added over the devices with one collective, ``shared`` leaves
@@ -106,7 +106,7 @@ def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
     return [unit_squares(x, a, acc, factor) for x, a in zip(leaves, axes)]
 
   shrunk, _ = _partials.rescued(plain, reread, acc, 2,
-                             overflow=_partials.can_overflow(leaves, acc), underflow=False)
+                                overflow=_partials.can_overflow(leaves, acc), underflow=False)
   if axis_name is not None and plain:
     flags = list(shared) if shared is not None else [False] * len(leaves)
     rows = _reduce_rows(plain + shrunk, axis_name, flags * 2)

@@ -112,10 +112,9 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
   def rule(updates, high, low, params):
     del params
     if low is None:
-      largest = _norms.measure(updates, float("inf"), axis_name=axis_name,
-                               per_leaf=False).total
+      largest = _norms.global_norm(updates, float("inf"), axis_name=axis_name)
     else:
-      largest = _norms.measure(updates, float("inf"), per_leaf=False).total
+      largest = _norms.global_norm(updates, float("inf"))
       smallest = _smallest_nonzero(updates, largest.dtype)
       if axis_name is not None:
         # One collective for both: the max of -smallest is -(the min).

@@ -284,8 +284,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
       raise ValueError("skip_spikes keeps a rolling window of past steps: thread its state"
                        " through update (state=None is not accepted)")
     loss = _loss_of(extra_args.get("value"))
-    norm = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
-                          per_leaf=False).total
+    norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
     norm = norm.astype(_F32)
     skipped, consecutive, threshold = decide(state, norm, loss)
     inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
