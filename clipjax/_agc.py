@@ -114,18 +114,6 @@ def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
   return [_partials.root(p, q, None, 2) for p, q in zip(plain, shrunk)]
 
 
-def is_sharded(x: jax.Array, axes: Sequence[int] | None = None) -> bool:
-  """Whether ``x``'s type shards any of ``axes`` (default all) over a mesh axis.
-
-  Only explicit sharding shows in the type; an unknown sharding counts as none.
-  """
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  if spec is None:
-    return False
-  axes = range(len(spec)) if axes is None else axes
-  return any(i < len(spec) and spec[i] is not None for i in axes)
-
-
 @_docs.fill
 def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
   """The L2 norm of each unit of ``x``, broadcast back to ``x``'s shape.
@@ -194,8 +182,23 @@ def _decide(g_norm: jax.Array, w_norm: jax.Array, limit: jax.Array, eps: jax.Arr
   return _Units(scale, clipped, finite, ratio)
 
 
-def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
-  """The statistics of all units of the tree: the largest ratio, the smallest scale."""
+def _summary(g_norms: list[jax.Array], w_norms: list[jax.Array], limit: jax.Array,
+             eps: jax.Array, threshold: Threshold) -> ClipStats:
+  """The statistics of all units of the tree: the largest ratio, the smallest scale.
+
+  The rule runs once more on the concatenated unit norms, so the statistics
+  are four reductions for the whole tree: four per leaf made the compile time
+  grow several times faster than the tree (benchmarks/RESULTS.md). A leaf
+  explicitly sharded along its units is summarised on its own: concatenating
+  it would gather its shards.
+  """
+  pairs = list(zip(g_norms, w_norms))
+  groups = [pair for pair in pairs if _layout.is_sharded(pair[0])]
+  joined = [pair for pair in pairs if not _layout.is_sharded(pair[0])]
+  if joined:
+    groups.append(tuple(jnp.concatenate([x.ravel() for x in xs]) for xs in zip(*joined)))
+  units = [_decide(g, w, limit, eps) for g, w in groups]
+
   def fold(op, values, initial):
     return functools.reduce(op, values, jnp.asarray(initial))
 
@@ -204,7 +207,7 @@ def _summary(units: list[_Units], limit: jax.Array) -> ClipStats:
   smallest = fold(jnp.minimum, [jnp.min(u.scale, initial=1.0).astype(f32) for u in units], 1.0)
   clipped = fold(jnp.logical_or, [jnp.any(u.clipped) for u in units], False)
   finite = fold(jnp.logical_and, [jnp.all(u.finite) for u in units], True)
-  return _base.make_stats(largest, limit, smallest, clipped, finite)
+  return _base.make_stats(largest, threshold, smallest, clipped, finite)
 
 
 @_docs.fill
@@ -290,10 +293,12 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     shared = _layout.replicated_mask(updates, replicated)
     norms = unit_norms(grads + weights, axes * 2, axis_name, shared * 2)
     acc = _partials.accumulation_dtype(grads + weights)
-    units = [_decide(g, w, jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc))
-             for g, w in zip(norms[:len(grads)], norms[len(grads):])]
-    out = [_base.scale_leaf(g, u.scale) for g, u in zip(grads, units)]
-    return jax.tree.unflatten(treedef, out), _summary(units, limit)
+    high, floor = jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc)
+    g_norms, w_norms = norms[:len(grads)], norms[len(grads):]
+    out = [_base.scale_leaf(g, _decide(gn, wn, high, floor).scale)
+           for g, gn, wn in zip(grads, g_norms, w_norms)]
+    return (jax.tree.unflatten(treedef, out),
+            _summary(g_norms, w_norms, high, floor, limit))
 
   state_cls = _base.named_state(AdaptiveGradClipState, name)
   return _base.threshold_transform(state_cls, rule, clipping)

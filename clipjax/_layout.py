@@ -1,4 +1,4 @@
-"""Which values apply to which leaves: pytree prefixes, replicated leaves, layer axes.
+"""Which values apply to which leaves: pytree prefixes, replicated leaves, layer axes, shardings.
 
 ``replicated`` and ``layer_axis`` are pytree prefixes of the updates; this
 module expands them to one value per leaf and checks them, naming the
@@ -95,3 +95,12 @@ def layout(tree: Any, layer_axis: Any = None) -> Layout:
     layers.append(None if axis is None else axis % len(shape))
     counts.append(1 if axis is None else shape[axis])
   return Layout(tuple(layers), tuple(counts))
+
+
+def is_sharded(x: jax.Array) -> bool:
+  """Whether ``x``'s type shards it over a mesh axis.
+
+  Only explicit sharding shows in the type; an unknown sharding counts as none.
+  """
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(s is not None for s in spec)

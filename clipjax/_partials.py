@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _layout
 from . import _xla
 
 Ord = int | float
@@ -158,10 +159,16 @@ def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
     shrunk, grown = derived(None)
     return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
 
-  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in plain]))
+  # One reduction over the joined sums, not one per array (AGC has an array per
+  # leaf); an explicitly sharded array is checked on its own, as joining it would
+  # gather it.
+  groups = [p for p in plain if _layout.is_sharded(p)]
+  joined = [p.ravel() for p in plain if not _layout.is_sharded(p)]
+  groups += [jnp.concatenate(joined)] if joined else []
+  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in groups]))
   if underflow:
     tiny = jnp.asarray(_tiny_partial(acc, power), acc)
-    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in plain]))
+    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in groups]))
   if not isinstance(fine, jax.core.Tracer):
     # Outside jit the branch is known: the same result, without compiling a new
     # conditional on every call (its branches are fresh closures).
