@@ -73,15 +73,20 @@ def _loss(model, x, scale):
 def twins():
   """(scanned params, scanned grads, unrolled params, per-step gradient scales, input)."""
   # Flax's own layers need standard promotion; the clippers below run strict.
+  # Built and differentiated under jit: op by op, Flax's layers take seconds to dispatch.
   with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-    scanned = Scanned(nnx.Rngs(1))
-    unrolled = Unrolled(scanned, nnx.Rngs(2))
+    scanned, unrolled = nnx.jit(_models)()
     x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, WIDTH)), jnp.float32)
     out = {}
     for name, model in (("scanned", scanned), ("unrolled", unrolled)):
-      grads = nnx.grad(_loss)(model, x, 30.0)
+      grads = nnx.jit(nnx.grad(_loss))(model, x, 30.0)
       out[name] = (nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(grads))
   return out
+
+
+def _models():
+  scanned = Scanned(nnx.Rngs(1))
+  return scanned, Unrolled(scanned, nnx.Rngs(2))
 
 
 def _moved(tree, axis):
@@ -181,7 +186,8 @@ def test_per_example_layer_norm_clip_per_slice(axis):
 
 
 def _sharded_run(name, axis, grads, params, layer_axis):
-  """``name`` under shard_map over 4 devices: kernels sharded along their inputs, the rest replicated."""
+  """``name`` under shard_map over 4 devices: kernels sharded along their inputs, the rest
+  replicated."""
   mesh = jax.make_mesh((4,), ("d",), devices=jax.devices()[:4])
 
   def spec(path, x):

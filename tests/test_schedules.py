@@ -118,7 +118,8 @@ def test_polynomial_decay_equals_optax_polynomial_schedule(init, end, power, ste
   # power amplifies near t = T by the slope |I - E| p x^(p-1).
   x = np.maximum(1.0 - np.minimum(STEPS, steps) / steps, 1.0 / steps)[defined]
   slack = abs(init - end) * power * x ** (power - 1) * 2.0**-22
-  assert np.all(np.abs(ours[defined] - theirs[defined]) <= F32_RTOL * np.abs(theirs[defined]) + slack)
+  error = np.abs(ours[defined] - theirs[defined])
+  assert np.all(error <= F32_RTOL * np.abs(theirs[defined]) + slack)
   np.testing.assert_allclose(ours, _polynomial_np(STEPS, init, steps, power, end), rtol=F32_RTOL)
 
 
