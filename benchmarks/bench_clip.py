@@ -373,8 +373,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true",
                       help="small trees (100 leaves instead of 1000) and few rounds: checks"
                            " that the script runs")
-  parser.add_argument("--budget", type=float, default=35.0,
-                      help="seconds of interleaved timing per tree (default 35)")
+  parser.add_argument("--budget", type=float, default=20.0,
+                      help="seconds of interleaved timing per tree (default 20)")
   parser.add_argument("--out", default=_common.RESULTS,
                       help="the Markdown file whose bench section is rewritten")
   args = parser.parse_args()
