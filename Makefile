@@ -2,7 +2,7 @@
 # make test   – create .venv, install clipjax with the test extras, run the whole suite
 #                on every core (pytest-xdist); TEST_ARGS is passed to pytest, e.g. -m 'not slow'
 # make bench  – create .venv, install the benchmark extras (CPU torch), run the benchmarks
-#                (about 6 min on a quiet 2-core machine)
+#                (about 8.5 min on this 2-core machine)
 # make bench-compile – create .venv, install flax and matplotlib, run the compile-time sweep
 #                (separate from make bench; 3 repetitions of 8–16 min each on a quiet 2-core
 #                machine, depending on how slowly the per-leaf transforms compile;
