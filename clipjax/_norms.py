@@ -284,7 +284,10 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
   ``max_i |g_i|`` for ``ord=inf``. Each leaf is read once in float32 (float64
   under x64); when a float32 partial overflows, that device recomputes it on
   rescaled values, so a finite float16 or bfloat16 tree has a finite norm
-  whenever the norm itself fits in float32.
+  whenever the norm itself fits in float32. Underflow is not rescued here: a
+  tree whose squared elements all underflow float32 (every ``|g_i|`` below
+  about 1e-19) has ord-2 norm 0, as with ``optax.tree.norm``; ord 1 and inf
+  are exact there. The clippers with a floor (``min_norm``) rescue it.
 
   Args:
     tree: a pytree of arrays (the leaves may have different dtypes).

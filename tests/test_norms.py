@@ -134,3 +134,15 @@ def test_unitwise_norm_float16_does_not_overflow_and_rank_6_needs_axis():
                              rtol=1e-6)
   with pytest.raises(ValueError, match="axis="):
     clipjax.unitwise_norm(jnp.ones((2,) * 6))
+
+
+def test_underflowing_squares_give_norm_zero_unless_a_floor_asks():
+  """As global_norm documents: no underflow rescue without a floor (optax.tree.norm: 0 too)."""
+  g = {"a": jnp.full((4,), 1e-25, jnp.float32)}
+  assert float(clipjax.global_norm(g)) == 0.0 == float(optax.tree.norm(g))
+  np.testing.assert_allclose(float(clipjax.global_norm(g, ord=1)), 4e-25, rtol=1e-6)
+  np.testing.assert_allclose(float(clipjax.global_norm(g, ord=np.inf)), 1e-25, rtol=1e-6)
+  tx = clipjax.clip_by_global_norm(1.0, min_norm=1e-30)
+  updates, state = jax.jit(tx.update)(g, tx.init(g))
+  np.testing.assert_allclose(float(state.stats.norm), 2e-25, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(updates["a"]), np.asarray(g["a"]))
