@@ -190,14 +190,9 @@ def _summary(g_norms: list[jax.Array], w_norms: list[jax.Array], limit: jax.Arra
   are four reductions for the whole tree: four per leaf made the compile time
   grow several times faster than the tree (benchmarks/RESULTS.md). A leaf
   explicitly sharded along its units is summarised on its own: concatenating
-  it would gather its shards.
+  it would gather its shards (``_layout.joined``).
   """
-  pairs = list(zip(g_norms, w_norms))
-  groups = [pair for pair in pairs if _layout.is_sharded(pair[0])]
-  joined = [pair for pair in pairs if not _layout.is_sharded(pair[0])]
-  if joined:
-    groups.append(tuple(jnp.concatenate([x.ravel() for x in xs]) for xs in zip(*joined)))
-  units = [_decide(g, w, limit, eps) for g, w in groups]
+  units = [_decide(g, w, limit, eps) for g, w in _layout.joined(g_norms, w_norms)]
 
   def fold(op, values, initial):
     return functools.reduce(op, values, jnp.asarray(initial))

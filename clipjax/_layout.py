@@ -104,3 +104,18 @@ def is_sharded(x: jax.Array) -> bool:
   """
   spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
   return spec is not None and any(s is not None for s in spec)
+
+
+def joined(*columns: Sequence[jax.Array]) -> list[tuple[jax.Array, ...]]:
+  """The arrays of ``columns`` in as few groups as one reduction each can read.
+
+  Entry ``i`` of every column lands in the same group. An entry whose first
+  column is explicitly sharded is a group of its own (joining it would gather
+  its shards); all the others are raveled and concatenated into one group.
+  """
+  rows = list(zip(*columns))
+  groups = [row for row in rows if is_sharded(row[0])]
+  rest = [row for row in rows if not is_sharded(row[0])]
+  if rest:
+    groups.append(tuple(jnp.concatenate([x.ravel() for x in xs]) for xs in zip(*rest)))
+  return groups

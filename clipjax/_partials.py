@@ -159,12 +159,8 @@ def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
     shrunk, grown = derived(None)
     return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
 
-  # One reduction over the joined sums, not one per array (AGC has an array per
-  # leaf); an explicitly sharded array is checked on its own, as joining it would
-  # gather it.
-  groups = [p for p in plain if _layout.is_sharded(p)]
-  joined = [p.ravel() for p in plain if not _layout.is_sharded(p)]
-  groups += [jnp.concatenate(joined)] if joined else []
+  # One reduction over the joined sums, not one per array (AGC has an array per leaf).
+  groups = [group for (group,) in _layout.joined(plain)]
   fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in groups]))
   if underflow:
     tiny = jnp.asarray(_tiny_partial(acc, power), acc)
