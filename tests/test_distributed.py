@@ -310,6 +310,13 @@ def test_all_reduce_counter_counts_instructions_not_names():
           "%g = f32[8]{0} all-gather(f32[1]{0} %z), dimensions={0}\n")
   assert count_all_reduce(text) == 2
   assert count_all_gather(text) == 1
+  # One reduced value per device gathered for a variadic reduction is not data;
+  # a larger gather, or one from another op, is.
+  partials = ("HloModule m, num_partitions=8\n"
+              '%a = f32[8,1]{1,0} all-gather(%p), metadata={op_name="jit(f)/reduce"}\n')
+  assert count_all_gather(partials) == 0
+  assert count_all_gather(partials.replace("f32[8,1]", "f32[8,2]")) == 1
+  assert count_all_gather(partials.replace("/reduce", "/reshape")) == 1
 
 
 # Sharded jit (GSPMD): no axis_name --------------------------------------------------
