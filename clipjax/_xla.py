@@ -35,6 +35,19 @@ def opaque(factor: float, dtype: jnp.dtype) -> jax.Array:
   return lax.optimization_barrier(jnp.asarray(factor, dtype))
 
 
+def hidden(leaf: jax.Array, factor: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """``leaf`` unchanged and the constant ``factor`` in ``dtype``, both hidden from XLA.
+
+  Why: the factor is :func:`opaque` for the reason given there. And the
+  rescue reads the leaves a second time: where that read shares its
+  expressions with the first (a bfloat16 leaf cast to float32), or where
+  several leaves of one shape are multiplied by one constant, XLA CPU computes
+  the shared expression once, as a leaf-sized temporary. Passing the leaf
+  through the barrier with its factor makes the second read its own.
+  """
+  return lax.optimization_barrier((leaf, jnp.asarray(factor, dtype)))
+
+
 def to_square(leaf: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """``leaf`` cast to ``dtype`` and ready to be squared: the modulus only for complex leaves.
 
