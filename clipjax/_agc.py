@@ -71,11 +71,7 @@ def slice_unit_axes(x: jax.Array, axis: Axes, layer: int | None) -> tuple[int, .
 def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype,
                  factor: float = 1.0) -> jax.Array:
   """The sum of squares of each unit of ``x * factor`` in ``acc`` (over ``axes``, keepdims)."""
-  if factor != 1.0:
-    x, scale = _xla.hidden(x, factor, acc)
-  x = _xla.to_square(x, acc)
-  if factor != 1.0:
-    x = x * scale
+  x = _xla.scaled(x, factor, acc, _xla.to_square)
   return jnp.sum(x * x, axis=axes, keepdims=True)
 
 

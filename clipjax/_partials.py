@@ -106,11 +106,7 @@ def partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
 
   A scalar; with ``layer``, a vector with one partial per slice along that axis.
   """
-  if factor != 1.0:
-    leaf, scale = _xla.hidden(leaf, factor, acc)
-  x = _xla.to_square(leaf, acc) if ord == 2 else _magnitude(leaf, acc)
-  if factor != 1.0:
-    x = x * scale
+  x = _xla.scaled(leaf, factor, acc, _xla.to_square if ord == 2 else _magnitude)
   axes = None if layer is None else tuple(i for i in range(x.ndim) if i != layer)
   if x.size == 0:
     return jnp.zeros(() if layer is None else (x.shape[layer],), acc)

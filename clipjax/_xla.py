@@ -6,6 +6,8 @@ measurement shows that XLA no longer needs it (benchmarks/RESULTS.md holds
 the measurements).
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -35,17 +37,22 @@ def opaque(factor: float, dtype: jnp.dtype) -> jax.Array:
   return lax.optimization_barrier(jnp.asarray(factor, dtype))
 
 
-def hidden(leaf: jax.Array, factor: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  """``leaf`` unchanged and the constant ``factor`` in ``dtype``, both hidden from XLA.
+def scaled(leaf: jax.Array, factor: float, dtype: jnp.dtype,
+           cast: Callable[[jax.Array, jnp.dtype], jax.Array]) -> jax.Array:
+  """``cast(leaf, dtype) · factor`` for a constant ``factor``, both hidden from XLA.
 
   Why: the factor is :func:`opaque` for the reason given there. And the
   rescue reads the leaves a second time: where that read shares its
   expressions with the first (a bfloat16 leaf cast to float32), or where
   several leaves of one shape are multiplied by one constant, XLA CPU computes
   the shared expression once, as a leaf-sized temporary. Passing the leaf
-  through the barrier with its factor makes the second read its own.
+  through the barrier with its factor, before the cast, makes the second read
+  its own.
   """
-  return lax.optimization_barrier((leaf, jnp.asarray(factor, dtype)))
+  if factor == 1.0:
+    return cast(leaf, dtype)
+  leaf, factor = lax.optimization_barrier((leaf, jnp.asarray(factor, dtype)))
+  return cast(leaf, dtype) * factor
 
 
 def to_square(leaf: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -24,13 +24,8 @@ def _grads(dtype=jnp.float32):
 
 
 def _memory(tx, grads, params=None):
-  state = tx.init(grads)
-
-  def update(updates, state, params):
-    return tx.update(updates, state, params)
-
-  compiled = jax.jit(update, donate_argnums=(0, 1)).lower(grads, state, params).compile()
-  return compiled.memory_analysis()
+  lowered = jax.jit(tx.update, donate_argnums=(0, 1)).lower(grads, tx.init(grads), params)
+  return lowered.compile().memory_analysis()
 
 
 @pytest.mark.parametrize("entry", registry.ENTRIES, ids=str)
