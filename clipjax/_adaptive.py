@@ -6,7 +6,7 @@ and scales with the shared rule of :mod:`clipjax._base`. A step whose measured
 norm is NaN or inf passes through unscaled and reports ``finite`` False; a
 step whose norm is zero stays zero. Either leaves every running statistic of
 the state (history, moving averages, warm-up counters) exactly as it was
-(:func:`clipjax._base.norm_transform`): one bad step cannot poison the
+(:func:`clipjax._base.taken_into`): one bad step cannot poison the
 threshold of the steps after it, and zero steps (frozen or masked
 parameters) cannot pull it to 0. Norms enter the float32 state through
 :func:`clipjax._base.f32` (a finite float64 norm stays finite); the scale is
@@ -35,14 +35,14 @@ _TINY = float(jnp.finfo(_F32).tiny)
 # AutoClip ---------------------------------------------------------------------
 
 
-@_base.stats_state("autoclip")
 class AutoclipState(NamedTuple):
   """State of :func:`autoclip`: a ring buffer of the last finite global norms."""
 
   history: jax.Array  # [history] float32, past global norms; slots >= ``filled`` unused
   position: jax.Array  # [] int32, the slot the next finite norm is written to
   filled: jax.Array  # [] int32, how many slots hold a norm (<= history)
-  stats: ClipStats
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
 def _percentile(buffer: jax.Array, filled: jax.Array, percentile: jax.Array) -> jax.Array:
@@ -114,6 +114,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   _checks.check_number("percentile", percentile, minimum=0.0, maximum=100.0,
                      allow_schedule=False)
   size = _checks.check_int("history", history, minimum=1)
+  name = _base.check_name(name, "autoclip")
 
   def init_fn(params):
     del params
@@ -126,30 +127,32 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
         history=jnp.zeros((size,), _F32),
         position=jnp.zeros((), jnp.int32),
         filled=jnp.zeros((), jnp.int32),
-        stats=_base.initial_stats(jnp.inf))
+        clip_stats={name: _base.initial_stats(jnp.inf)})
 
-  def step(norms, state):
-    norm = norms.total
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, AutoclipState, None, name=name,
+                            needs=_base.HISTORY_NEEDS)
+    norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
     taken = _base.informative(norm)
     length = state.history.shape[0]
     # The threshold reads the history with this step's norm in it (when it is taken).
-    buffer = _base.keep(taken, state.history.at[state.position].set(_base.f32(norm)),
-                        state.history)
+    history = jnp.asarray(state.history)
+    buffer = _base.keep(taken, history.at[state.position].set(_base.f32(norm)), history)
     filled = _base.keep(taken, jnp.minimum(_base.next_count(state.filled), length), state.filled)
     threshold = _percentile(buffer, filled, _base.f32(percentile))
     scale, clipped, finite = _base.scale_rule(norm, threshold)
-    return scale, AutoclipState(history=buffer, position=(state.position + 1) % length,
-                                filled=filled,
-                                stats=_base.make_stats(norm, threshold, scale, clipped, finite))
+    stats = _base.make_stats(norm, threshold, scale, clipped, finite)
+    new = AutoclipState(history=buffer, position=(state.position + 1) % length, filled=filled,
+                        clip_stats={name: stats})
+    return _base.apply_scale(updates, scale), _base.taken_into(norm, new, state)
 
-  return _base.norm_transform(_base.named_state(AutoclipState, name), init_fn, step, axis_name,
-                              replicated)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # AdaGC ------------------------------------------------------------------------
 
 
-@_base.stats_state("adagc")
 class AdagcState(NamedTuple):
   """State of :func:`adagc`.
 
@@ -159,8 +162,9 @@ class AdagcState(NamedTuple):
   """
 
   gamma: jax.Array  # [n_tensors] float32, per-tensor reference norms γ_i
-  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
-  stats: ClipStats
+  warmup_count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
 @_docs.fill
@@ -231,11 +235,13 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   _checks.check_number("beta", beta, minimum=0.0, maximum=1.0, strict_max=True,
                      allow_schedule=False)
   _checks.check_int("warmup_steps", warmup_steps, minimum=0)
+  name = _base.check_name(name, "adagc")
 
   def init_fn(params):
     n = sum(_layout.layout(params, layer_axis).counts)
-    return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32), count=jnp.zeros((), jnp.int32),
-                      stats=_base.initial_stats(_base.f32(lambda_abs)))
+    return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32),
+                      warmup_count=jnp.zeros((), jnp.int32),
+                      clip_stats={name: _base.initial_stats(_base.f32(lambda_abs))})
 
   def tracked(gamma, leaf_norms, clipped_norms, warm):
     """The next γ: the smallest clipped norm in warm-up, then its EMA; zero norms skip."""
@@ -246,7 +252,12 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     new = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
     return jnp.where(leaf_norms > 0, new, gamma)
 
-  def step(norms, state):
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, AdagcState, None, name=name,
+                            needs=_base.HISTORY_NEEDS)
+    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
+                           layer_axis=layer_axis)
     if state.gamma.shape != norms.leaves.shape:
       raise ValueError(
           f"adagc: the state tracks {state.gamma.shape[0]} tensors but the updates have"
@@ -255,7 +266,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     # The scales are computed in the norms' dtype (float64 under x64), so a norm
     # beyond float32's range is still clipped.
     leaf_norms, acc = norms.leaves, norms.leaves.dtype
-    warm = state.count < jnp.asarray(warmup_steps).astype(jnp.int32)
+    warm = state.warmup_count < jnp.asarray(warmup_steps).astype(jnp.int32)
     lam_abs = _base.f32(lambda_abs)
     global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(acc))
     relative = _base.f32(lambda_rel) * state.gamma  # inf for a tensor without history: not clipped
@@ -266,23 +277,24 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     threshold = jnp.where(warm, lam_abs.astype(acc), bound)
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)
-    gamma = tracked(state.gamma, leaf_norms, scales * leaf_norms, warm)
-    return (scales, norms.layout), AdagcState(gamma=gamma, count=_base.next_count(state.count),
-                                              stats=stats)
+    gamma = tracked(jnp.asarray(state.gamma), leaf_norms, scales * leaf_norms, warm)
+    new = AdagcState(gamma=gamma, warmup_count=_base.next_count(state.warmup_count),
+                     clip_stats={name: stats})
+    return (_base.apply_scale(updates, scales, norms.layout),
+            _base.taken_into(norms.total, new, state))
 
-  return _base.norm_transform(_base.named_state(AdagcState, name), init_fn, step, axis_name,
-                              replicated, layer_axis, per_leaf=True)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # Quantile tracking ------------------------------------------------------------
 
 
-@_base.stats_state("quantile_clip")
 class QuantileClipState(NamedTuple):
   """State of :func:`quantile_clip`."""
 
   clip_norm: jax.Array  # [] float32, C: the threshold of the next step
-  stats: ClipStats
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
 @_docs.fill
@@ -337,20 +349,26 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   _checks.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False,
                      finite=True)
 
+  name = _base.check_name(name, "quantile_clip")
+
   def init_fn(params):
     del params
     return QuantileClipState(clip_norm=_base.f32(initial_norm),
-                             stats=_base.initial_stats(_base.f32(initial_norm)))
+                             clip_stats={name: _base.initial_stats(_base.f32(initial_norm))})
 
-  def step(norms, state):
-    norm, c = norms.total, state.clip_norm
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, QuantileClipState, None, name=name,
+                            needs=_base.HISTORY_NEEDS)
+    norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
+    c = jnp.asarray(state.clip_norm)
     scale, clipped, finite = _base.scale_rule(norm, c.astype(norm.dtype))
     below = (norm <= c.astype(norm.dtype)).astype(_F32)
     moved = c * jnp.exp(-_base.f32(learning_rate) * (below - _base.f32(target_quantile)))
     # C stays a positive, finite float32: at 0 or inf it could never move again.
     moved = _base.saturate(jnp.maximum(moved, _TINY))
-    return scale, QuantileClipState(clip_norm=moved,
-                                    stats=_base.make_stats(norm, c, scale, clipped, finite))
+    new = QuantileClipState(clip_norm=moved,
+                            clip_stats={name: _base.make_stats(norm, c, scale, clipped, finite)})
+    return _base.apply_scale(updates, scale), _base.taken_into(norm, new, state)
 
-  return _base.norm_transform(_base.named_state(QuantileClipState, name), init_fn, step,
-                              axis_name, replicated)
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -23,9 +23,8 @@ from ._base import ClipStats, Threshold
 Axes = int | tuple[int, ...] | None
 
 
-@_base.stats_state("adaptive_grad_clip")
-class AdaptiveGradClipState(_base.CountState):
-  """State of :func:`adaptive_grad_clip`: ``count`` (int32 steps taken) and ``stats``.
+class AdaptiveGradClipState(NamedTuple):
+  """State of :func:`adaptive_grad_clip`: a step count and the last statistics.
 
   Its statistics describe the units (rows, filters, ...) of all leaves:
   ``norm`` is the largest ratio ``‖G‖ / max(‖W‖, eps)``, ``threshold`` the
@@ -34,7 +33,9 @@ class AdaptiveGradClipState(_base.CountState):
   whether every unit's gradient norm was finite.
   """
 
-  __slots__ = ()
+  clip_count: jax.Array  # [] int32, steps taken (read by a scheduled ``clipping``)
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
 # Per-unit norms -------------------------------------------------------------------
@@ -275,23 +276,32 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   _checks.check_number("clipping", clipping)
   _checks.check_number("eps", eps, allow_schedule=False)
   _layout.check_replicated(replicated)
+  name = _base.check_name(name, "adaptive_grad_clip")
+  needs = _base.needs_state(clipping)
 
-  def rule(updates, limit, low, params):
-    del low
+  def init_fn(params):
+    del params
+    stats = _base.initial_stats(_base.initial_threshold(clipping))
+    return AdaptiveGradClipState(jnp.zeros((), jnp.int32), {name: stats})
+
+  def update_fn(updates, state, params=None):
+    state = _base.state_for(updates, state, AdaptiveGradClipState, lambda: init_fn(None),
+                            name=name, needs=needs)
     if params is None:
       raise ValueError(_base.NO_PARAMS_MSG.format(name="adaptive_grad_clip"))
+    limit = _base.resolve(clipping, state.clip_count)
     grads, weights, treedef = _paired(updates, params)
     layers = _layout.layout(updates, layer_axis).layers
     axes = [slice_unit_axes(g, axis, layer) for g, layer in zip(grads, layers)]
     shared = _layout.replicated_mask(updates, replicated)
     norms = unit_norms(grads + weights, axes * 2, axis_name, shared * 2)
     acc = _partials.accumulation_dtype(grads + weights)
-    high, floor = jnp.asarray(limit).astype(acc), jnp.asarray(eps).astype(acc)
+    high, floor = limit.astype(acc), jnp.asarray(eps).astype(acc)
     g_norms, w_norms = norms[:len(grads)], norms[len(grads):]
     out = [_base.scale_leaf(g, _decide(gn, wn, high, floor).scale)
            for g, gn, wn in zip(grads, g_norms, w_norms)]
+    stats = _summary(g_norms, w_norms, high, floor, limit)
     return (jax.tree.unflatten(treedef, out),
-            _summary(g_norms, w_norms, high, floor, limit))
+            AdaptiveGradClipState(_base.next_count(state.clip_count), {name: stats}))
 
-  state_cls = _base.named_state(AdaptiveGradClipState, name)
-  return _base.threshold_transform(state_cls, rule, clipping)
+  return optax.GradientTransformation(init_fn, update_fn)

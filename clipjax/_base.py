@@ -1,14 +1,16 @@
-"""The shared pieces of every clipper: statistics, thresholds, the scale rule, apply.
+"""The shared pieces of every clipper: its state, statistics, thresholds, the scale rule, apply.
 
-A norm-based clipper measures (``_norms``), decides a scale here with
-:func:`scale_rule`, and applies it with :func:`apply_scale`. Adaptive clippers
-only compute a threshold from their state before calling the same rule.
+Each transform builds its own ``init_fn`` and ``update_fn``: it starts from
+:func:`state_for`, measures (``_norms``), decides a scale with
+:func:`scale_rule` and applies it with :func:`apply_scale`. Adaptive clippers
+compute a threshold from their state before the same rule, and keep their
+running statistics through :func:`taken_into`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,49 +26,25 @@ from . import _xla
 # count. Annotations are strings (PEP 563), so signatures read "Threshold".
 Threshold = float | int | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 
-_STATE_NAMES: dict[type, str] = {}
-_T = TypeVar("_T", bound=type)
 
-
-def stats_state(name: str) -> Callable[[_T], _T]:
-  """Registers a state class whose ``stats`` field :func:`clipjax.clip_stats` reports.
-
-  ``name`` is the transform's public name, used as the prefix of its statistics.
-  """
-
-  def register(cls: _T) -> _T:
-    _STATE_NAMES[cls] = name
-    return cls
-
-  return register
-
-
-_NAMED: dict[tuple[type, str], type] = {}
-
-
-def named_state(cls: _T, name: str | None) -> _T:
-  """The state class of a transform called ``name`` (``name=`` of every transform).
-
-  ``cls`` itself for ``None`` or its registered name; otherwise a subclass of
-  it, registered with ``name``, made once per ``(cls, name)`` so that states
-  built with the same name have the same pytree type.
-  """
-  if name is None or name == _STATE_NAMES[cls]:
-    return cls
+def check_name(name: str | None, default: str) -> str:
+  """The name a transform's statistics are reported under: ``name=``, else ``default``."""
+  if name is None:
+    return default
   if not isinstance(name, str) or not name or "/" in name:
     raise ValueError(f"{name=} must be a non-empty string without '/'")
-  if (cls, name) not in _NAMED:
-    named = type(cls.__name__, (cls,), {"__slots__": (), "__module__": cls.__module__,
-                                         "__qualname__": cls.__qualname__})
-    _STATE_NAMES[named] = name
-    _NAMED[cls, name] = named
-  return _NAMED[cls, name]
+  return name
 
 
-def state_name(node: Any) -> str | None:
-  """The transform name of a registered state, else ``None``."""
-  return _STATE_NAMES.get(type(node))
+def _only_stats(state: Any) -> Any:
+  (stats,) = state.clip_stats.values()
+  return stats
 
+
+# Every state class sets ``stats = _base.STATS``: its one entry of ``clip_stats``.
+# The statistics live in a dict keyed by the transform's name, because dict keys
+# survive every serialization (pickle, msgpack, orbax, nnx.state) and a class does not.
+STATS = property(_only_stats, doc="The last step's statistics: the one value of ``clip_stats``.")
 
 class ClipStats(NamedTuple):
   """What a clipper did on its last step, kept in its state for logging.
@@ -82,25 +60,6 @@ class ClipStats(NamedTuple):
   scale: jax.Array  # [] float32, 1.0 when untouched
   clipped: jax.Array  # [] bool
   finite: jax.Array  # [] bool, False when the measured norm was NaN or inf
-
-
-class CountState(NamedTuple):
-  """The state of a clipper without memory: a step count and the last statistics.
-
-  Each such clipper's state class subclasses it (``ClipState``,
-  ``ClipByNormState``, ...), so that ``clip_stats`` tells them apart.
-  """
-
-  count: jax.Array  # [] int32, steps taken (read by a scheduled threshold)
-  stats: ClipStats
-
-
-def count_state(name: str, class_name: str, module: str) -> type:
-  """A :class:`CountState` subclass named ``class_name``, registered as transform ``name``."""
-  cls = type(class_name, (CountState,), {
-      "__slots__": (), "__module__": module, "__qualname__": class_name,
-      "__doc__": f"State of :func:`clipjax.{name}`: a step count and the last statistics."})
-  return stats_state(name)(cls)
 
 
 def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
@@ -244,53 +203,41 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
   return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)
 
 
-# The transform shells -----------------------------------------------------------
+# The state an update starts from ---------------------------------------------------
 
 
-def _state_needed(name: str) -> str:
-  return (f"{name}: state=None is not accepted here, because the result depends on the"
-          " state; thread it through: state = tx.init(params), then"
-          " updates, state = tx.update(grads, state, params) on every step")
+def state_for(updates: Any, state: Any, cls: type, fresh: Callable[[], Any] | None, *,
+              name: str, needs: str | None = None) -> Any:
+  """Checks the updates' dtypes; returns the state an ``update`` starts from.
 
+  That is ``state`` when it is a ``cls`` (its arrays may be NumPy arrays).
 
-# (updates, max threshold, min threshold or None, params) -> (updates, stats)
-Rule = Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, ClipStats]]
-
-
-def threshold_transform(state_cls: type, rule: Rule, high: Threshold,
-                        low: Threshold | None = None,
-                        init_stats: Callable[[Any, ClipStats], Any] | None = None
-                        ) -> optax.GradientTransformation:
-  """A clipper whose state is a step count and its last statistics.
-
-  Each ``update`` resolves the thresholds at the step count (evaluating a
-  schedule), applies ``rule`` and advances the count. ``state_cls`` is a
-  NamedTuple with the fields ``count`` and ``stats``, registered with
-  :func:`stats_state`. ``init_stats(params, stats)`` extends the initial
-  statistics when the rule keeps more. ``state=None`` is accepted when no
-  threshold is a schedule (the result cannot depend on the state, and optax's
-  own tests call stateless clippers that way); with a schedule it raises
-  ``ValueError``.
+  Any other state (``None``, ``optax.EmptyState()``, ``()``, a Flax
+  ``TrainState``, another transform's state) is ignored where the result
+  cannot depend on the state (``needs`` is ``None``: a fixed threshold), as
+  optax's twin ignores it, and ``fresh()`` is used instead. Where it can
+  (``needs`` says why: a schedule, running statistics), such a state is a
+  ``ValueError`` naming the class expected.
   """
-  name = _STATE_NAMES.get(state_cls, state_cls.__name__)
-  stateless = not (_checks.is_schedule(high) or _checks.is_schedule(low))
+  _checks.check_updates(updates, name)
+  if isinstance(state, cls):
+    return state
+  if needs is None and fresh is not None:
+    return fresh()
+  got = "None" if state is None else f"a state of type {type(state).__qualname__}"
+  raise ValueError(
+      f"{name}: update got {got} as its state, but needs the {cls.__name__} that its init"
+      f" returns ({needs}); thread it through: state = tx.init(params), then"
+      " updates, state = tx.update(grads, state, params) on every step")
 
-  def init_fn(params):
-    stats = initial_stats(initial_threshold(high))
-    return state_cls(count=jnp.zeros((), jnp.int32),
-                     stats=stats if init_stats is None else init_stats(params, stats))
 
-  def update_fn(updates, state, params=None):
-    _checks.check_updates(updates, name)
-    if state is None:
-      if not stateless:
-        raise ValueError(_state_needed(name) + " (a scheduled threshold reads its step count)")
-      state = init_fn(None)
-    updates, stats = rule(updates, resolve(high, state.count), resolve(low, state.count),
-                          params)
-    return updates, state_cls(count=next_count(state.count), stats=stats)
+SCHEDULE_NEEDS = "a scheduled threshold reads its step count"
+HISTORY_NEEDS = "it keeps running statistics"
 
-  return optax.GradientTransformation(init_fn, update_fn)
+
+def needs_state(*thresholds: Threshold | None) -> str | None:
+  """Why a clipper with these thresholds needs its own state: a schedule among them, or ``None``."""
+  return SCHEDULE_NEEDS if any(_checks.is_schedule(t) for t in thresholds) else None
 
 
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
@@ -303,11 +250,13 @@ def f32(value: jax.typing.ArrayLike) -> jax.Array:
   averages) passes here. A finite value beyond float32's range (a float64 norm
   under x64) is clamped to ±float32 max rather than becoming inf; NaN and inf
   are kept. Hyperparameters pass here too (``inject_hyperparams`` may give bf16).
+  The result is a new array: a state never aliases a user's array, which a
+  donated step would delete.
   """
   value = jnp.asarray(value)
   if jnp.issubdtype(value.dtype, jnp.floating) and jnp.finfo(value.dtype).bits > 32:
     value = jnp.where(jnp.isfinite(value), jnp.clip(value, -_F32_MAX, _F32_MAX), value)
-  return value.astype(jnp.float32)
+  return jnp.array(value, jnp.float32)
 
 
 def saturate(value: jax.Array) -> jax.Array:
@@ -325,11 +274,6 @@ def keep(taken: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(taken, new, old)
 
 
-# (norms of the update, state) -> (scale, next state); the scale is a scalar, or
-# ``(one per tensor, layout)``.
-_Step = Callable[[_norms.Norms, Any], tuple[Any, Any]]
-
-
 def informative(norm: jax.Array) -> jax.Array:
   """Whether a step's global norm may enter running statistics: finite and nonzero.
 
@@ -340,40 +284,18 @@ def informative(norm: jax.Array) -> jax.Array:
   return jnp.isfinite(norm) & (norm > 0)
 
 
-def norm_transform(state_cls: type, init_fn: Callable[[Any], Any], step: _Step,
-                   axis_name: _norms.AxisName, replicated: Any, layer_axis: Any = None,
-                   per_leaf: bool = False) -> optax.GradientTransformation:
-  """A clipper whose threshold comes from its state and the L2 norms of the update.
+def taken_into(norm: jax.Array, new: Any, old: Any) -> Any:
+  """The next state of an adaptive clipper: ``new``, or ``old`` when ``norm`` says nothing.
 
-  ``step`` decides the scale and the next state. When the global norm is not
-  :func:`informative` (zero, NaN or inf), every field of the state but
-  ``stats`` is kept as it was, bit for bit. The state must be threaded
-  through: ``state=None`` raises ``ValueError``. States are returned as
-  ``state_cls`` (the class :func:`named_state` gives, registered with the
-  transform's name). A ``step`` that reads per-tensor norms asks for them with
-  ``per_leaf``.
+  When the step's global norm is not :func:`informative` (zero, NaN or inf),
+  every field but ``clip_stats`` keeps its old value, bit for bit, so one bad
+  step cannot poison the running statistics.
   """
-  _layout.check_replicated(replicated)
-  name = _STATE_NAMES[state_cls]
-
-  def init(params):
-    return state_cls(*init_fn(params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    _checks.check_updates(updates, name)
-    if state is None:
-      raise ValueError(_state_needed(name) + " (it keeps running statistics)")
-    norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
-                           layer_axis=layer_axis, per_leaf=per_leaf)
-    scale, new = step(norms, state)
-    taken = informative(norms.total)
-    kept = {field: keep(taken, getattr(new, field), getattr(state, field))
-            for field in new._fields if field != "stats"}
-    scale, layout = scale if isinstance(scale, tuple) else (scale, None)
-    return apply_scale(updates, scale, layout), state_cls(*new._replace(**kept))
-
-  return optax.GradientTransformation(init, update_fn)
+  taken = informative(norm)
+  kept = {field: jax.tree.map(lambda n, o: keep(taken, n, o), getattr(new, field),
+                              getattr(old, field))
+          for field in new._fields if field != "clip_stats"}
+  return new._replace(**kept)
 
 
 NO_PARAMS_MSG = (

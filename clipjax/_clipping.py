@@ -17,13 +17,46 @@ from . import _norms
 from . import _stats
 from ._base import ClipStats, Threshold
 
+# The states of the fixed-threshold clippers: a step count (read by a scheduled
+# threshold; not named ``count``, which optax.tree_utils.tree_get would confuse
+# with the optimizer's) and the last statistics under the transform's name.
 
 
-# The states of the fixed-threshold clippers: a step count and the last statistics.
-ClipState = _base.count_state("clip", "ClipState", __name__)
-ClipByNormState = _base.count_state("clip_by_norm", "ClipByNormState", __name__)
-ClipByGlobalNormState = _base.count_state("clip_by_global_norm", "ClipByGlobalNormState", __name__)
-ClipByBlockRmsState = _base.count_state("clip_by_block_rms", "ClipByBlockRmsState", __name__)
+class ClipState(NamedTuple):
+  """State of :func:`clipjax.clip`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
+
+
+class ClipByNormState(NamedTuple):
+  """State of :func:`clipjax.clip_by_norm`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, Any]  # {name: ClipStats, or LeafClipStats with leaf_stats=True}
+  stats = _base.STATS
+
+
+class ClipByGlobalNormState(NamedTuple):
+  """State of :func:`clipjax.clip_by_global_norm`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
+
+
+class ClipByBlockRmsState(NamedTuple):
+  """State of :func:`clipjax.clip_by_block_rms`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
+
+
+def _fresh(cls: type, name: str, stats: ClipStats) -> Any:
+  """A fixed-threshold clipper's state before its first step."""
+  return cls(clip_count=jnp.zeros((), jnp.int32), clip_stats={name: stats})
 
 
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
@@ -108,38 +141,55 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
     True
   """
   _check_thresholds("max_delta", max_delta, "min_delta", min_delta)
+  name = _base.check_name(name, "clip")
+  needs = _base.needs_state(max_delta, min_delta)
 
-  def rule(updates, high, low, params):
+  def init_fn(params):
     del params
-    if low is None:
-      largest = _norms.global_norm(updates, float("inf"), axis_name=axis_name)
-    else:
-      largest = _norms.global_norm(updates, float("inf"))
-      smallest = _smallest_nonzero(updates, largest.dtype)
-      if axis_name is not None:
-        # One collective for both: the max of -smallest is -(the min).
-        both = _norms.all_reduce(jnp.stack([largest, -smallest]), axis_name, maximum=True)
-        largest, smallest = both[0], -both[1]
+    return _fresh(ClipState, name, _base.initial_stats(_base.initial_threshold(max_delta)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, ClipState, lambda: init_fn(None), name=name,
+                            needs=needs)
+    high = _base.resolve(max_delta, state.clip_count)
+    low = _base.resolve(min_delta, state.clip_count)
+    largest, smallest = _magnitudes(updates, low is not None, axis_name)
     finite = jnp.isfinite(largest)
     scale, clipped, _ = _base.scale_rule(largest, high)
     if low is not None:
       clipped = clipped | (finite & (smallest < low.astype(largest.dtype)))
-
-    def clamp(g):
-      g = jnp.asarray(g)
-      top = high.astype(g.dtype)
-      if low is None:
-        out = jnp.clip(g, -top, top)
-      else:
-        magnitude = jnp.clip(jnp.abs(g), low.astype(g.dtype), top)
-        out = jnp.where(g == 0, g, jnp.sign(g) * magnitude)
-      return jnp.where(finite, out, g)
-
     stats = _base.make_stats(largest, high, scale, clipped, finite)
-    return jax.tree.map(clamp, updates), stats
+    clamped = jax.tree.map(lambda g: _clamp(jnp.asarray(g), high, low, finite), updates)
+    return clamped, ClipState(_base.next_count(state.clip_count), {name: stats})
 
-  state_cls = _base.named_state(ClipState, name)
-  return _base.threshold_transform(state_cls, rule, max_delta, min_delta)
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _magnitudes(updates: Any, smallest: bool, axis_name: _norms.AxisName
+                ) -> tuple[jax.Array, jax.Array | None]:
+  """The largest magnitude of the tree and, when asked, the smallest nonzero one."""
+  if not smallest:
+    return _norms.global_norm(updates, float("inf"), axis_name=axis_name), None
+  largest = _norms.global_norm(updates, float("inf"))
+  least = _smallest_nonzero(updates, largest.dtype)
+  if axis_name is not None:
+    # One collective for both: the max of -smallest is -(the min).
+    both = _norms.all_reduce(jnp.stack([largest, -least]), axis_name, maximum=True)
+    largest, least = both[0], -both[1]
+  return largest, least
+
+
+def _clamp(g: jax.Array, high: jax.Array, low: jax.Array | None, finite: jax.Array
+           ) -> jax.Array:
+  """One leaf with magnitudes clamped into ``[low, high]``; unchanged when not ``finite``."""
+  top = high.astype(g.dtype)
+  if low is None:
+    out = jnp.clip(g, -top, top)
+  else:
+    magnitude = jnp.clip(jnp.abs(g), low.astype(g.dtype), top)
+    out = jnp.where(g == 0, g, jnp.sign(g) * magnitude)
+  return jnp.where(finite, out, g)
 
 
 def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
@@ -196,9 +246,21 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
     (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
   """
   ord = _check_norm_arguments(max_norm, min_norm, ord, replicated)
+  name = _base.check_name(name, "clip_by_norm")
+  needs = _base.needs_state(max_norm, min_norm)
 
-  def rule(updates, high, low, params):
+  def init_fn(params):
+    stats = _base.initial_stats(_base.initial_threshold(max_norm))
+    if leaf_stats:
+      stats = _initial_leaf_stats(stats, params, layer_axis)
+    return _fresh(ClipByNormState, name, stats)
+
+  def update_fn(updates, state, params=None):
     del params
+    state = _base.state_for(updates, state, ClipByNormState, lambda: init_fn(updates),
+                            name=name, needs=needs)
+    high = _base.resolve(max_norm, state.clip_count)
+    low = _base.resolve(min_norm, state.clip_count)
     norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
                            small=low is not None, layer_axis=layer_axis)
     scales, clipped, finite = _base.scale_rule(norms.leaves, high, low)
@@ -208,20 +270,21 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                             leaf_norms=_leaf_norms_by_path(updates, norms.leaves, norms.layout))
     # Each leaf's factor from its own norm: the rule fuses into that leaf's multiply.
     factors = [_base.scale_rule(norm, high, low)[0] for norm in norms.per_leaf]
-    return _base.apply_scale(updates, factors, norms.layout), stats
+    return (_base.apply_scale(updates, factors, norms.layout),
+            ClipByNormState(_base.next_count(state.clip_count), {name: stats}))
 
-  def init_stats(params, stats):
-    if params is None:
-      raise ValueError("clip_by_norm(leaf_stats=True): init needs the parameters (a tree of"
-                       " the updates' structure) to name the leaves")
-    layout = _layout.layout(params, layer_axis)
-    zeros = jnp.zeros((sum(layout.counts),), jnp.float32)
-    return LeafClipStats(*stats, clipped_fraction=jnp.zeros((), jnp.float32),
-                         leaf_norms=_leaf_norms_by_path(params, zeros, layout))
+  return optax.GradientTransformation(init_fn, update_fn)
 
-  state_cls = _base.named_state(ClipByNormState, name)
-  return _base.threshold_transform(state_cls, rule, max_norm, min_norm,
-                                   init_stats if leaf_stats else None)
+
+def _initial_leaf_stats(stats: ClipStats, params: Any, layer_axis: Any) -> LeafClipStats:
+  """``clip_by_norm(leaf_stats=True)``'s statistics before the first step: every norm 0."""
+  if params is None:
+    raise ValueError("clip_by_norm(leaf_stats=True): init needs the parameters (a tree of"
+                     " the updates' structure) to name the leaves")
+  layout = _layout.layout(params, layer_axis)
+  zeros = jnp.zeros((sum(layout.counts),), jnp.float32)
+  return LeafClipStats(*stats, clipped_fraction=jnp.zeros((), jnp.float32),
+                       leaf_norms=_leaf_norms_by_path(params, zeros, layout))
 
 
 @_docs.fill
@@ -266,17 +329,28 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
     neural networks <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
   ord = _check_norm_arguments(max_norm, min_norm, ord, replicated)
+  name = _base.check_name(name, "clip_by_global_norm")
+  needs = _base.needs_state(max_norm, min_norm)
 
-  def rule(updates, high, low, params):
+  def init_fn(params):
     del params
+    stats = _base.initial_stats(_base.initial_threshold(max_norm))
+    return _fresh(ClipByGlobalNormState, name, stats)
+
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, ClipByGlobalNormState, lambda: init_fn(None),
+                            name=name, needs=needs)
+    high = _base.resolve(max_norm, state.clip_count)
+    low = _base.resolve(min_norm, state.clip_count)
     norm = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated,
                           small=low is not None, per_leaf=False).total
     scale, clipped, finite = _base.scale_rule(norm, high, low)
-    return _base.apply_scale(updates, scale), _base.make_stats(
-        norm, high, scale, clipped, finite)
+    stats = _base.make_stats(norm, high, scale, clipped, finite)
+    return (_base.apply_scale(updates, scale),
+            ClipByGlobalNormState(_base.next_count(state.clip_count), {name: stats}))
 
-  state_cls = _base.named_state(ClipByGlobalNormState, name)
-  return _base.threshold_transform(state_cls, rule, max_norm, min_norm)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 @_docs.fill
@@ -317,18 +391,28 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
   """
   _checks.check_number("threshold", threshold)
   _layout.check_replicated(replicated)
+  name = _base.check_name(name, "clip_by_block_rms")
+  needs = _base.needs_state(threshold)
 
-  def rule(updates, high, low, params):
-    del low, params
+  def init_fn(params):
+    del params
+    stats = _base.initial_stats(_base.initial_threshold(threshold))
+    return _fresh(ClipByBlockRmsState, name, stats)
+
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, ClipByBlockRmsState, lambda: init_fn(None),
+                            name=name, needs=needs)
+    high = _base.resolve(threshold, state.clip_count)
     norms = _norms.measure(updates, 2, axis_name=axis_name, replicated=replicated,
                            layer_axis=layer_axis)
     sizes = np.maximum(norms.sizes, 1)
     rms = norms.leaves / jnp.sqrt(jnp.asarray(sizes, norms.leaves.dtype))
     scales, clipped, finite = _base.scale_rule(rms, high)
-    starts = norms.layout.starts
     factors = [_base.scale_rule(norm / jnp.sqrt(jnp.asarray(sizes[start], norm.dtype)), high)[0]
-               for norm, start in zip(norms.per_leaf, starts)]
-    return _base.apply_scale(updates, factors, norms.layout), _per_leaf_stats(
-        rms, high, scales, clipped, finite)
+               for norm, start in zip(norms.per_leaf, norms.layout.starts)]
+    stats = _per_leaf_stats(rms, high, scales, clipped, finite)
+    return (_base.apply_scale(updates, factors, norms.layout),
+            ClipByBlockRmsState(_base.next_count(state.clip_count), {name: stats}))
 
-  return _base.threshold_transform(_base.named_state(ClipByBlockRmsState, name), rule, threshold)
+  return optax.GradientTransformation(init_fn, update_fn)

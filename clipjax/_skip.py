@@ -25,7 +25,6 @@ from . import _norms
 _F32 = jnp.float32
 
 
-@_base.stats_state("skip_spikes")
 class SkipStats(NamedTuple):
   """What :func:`skip_spikes` measured and decided on its last step, for logging.
 
@@ -37,16 +36,6 @@ class SkipStats(NamedTuple):
   threshold: jax.Array  # [] float32, the norm above which the step is skipped; inf for none
   skipped: jax.Array  # [] bool
   skips: jax.Array  # [] int32, steps skipped since ``init``
-
-  @property
-  def stats(self) -> "SkipStats":
-    """The statistics themselves: :func:`clipjax.clip_stats` reads a registered node's ``stats``.
-
-    The statistics, not :class:`SkipSpikesState`, are the registered node, so
-    that ``clip_stats`` still descends into the inner state and reports the
-    clippers inside ``inner`` too.
-    """
-    return self
 
 
 class SkipSpikesState(NamedTuple):
@@ -60,11 +49,12 @@ class SkipSpikesState(NamedTuple):
   filled: jax.Array  # [] int32, how many slots hold a taken step (<= window)
   consecutive: jax.Array  # [] int32, spike skips in a row (non-finite steps not counted)
   skips: jax.Array  # [] int32, steps skipped since ``init``
-  stats: SkipStats
+  clip_stats: dict[str, SkipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
-def _initial_stats(stats_cls: type = SkipStats) -> SkipStats:
-  return stats_cls(norm=jnp.zeros((), _F32), loss=jnp.full((), jnp.nan, _F32),
+def _initial_stats() -> SkipStats:
+  return SkipStats(norm=jnp.zeros((), _F32), loss=jnp.full((), jnp.nan, _F32),
                    threshold=jnp.full((), jnp.inf, _F32), skipped=jnp.zeros((), jnp.bool_),
                    skips=jnp.zeros((), jnp.int32))
 
@@ -243,7 +233,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
   size = _check_arguments(inner, sigma_factor, window, min_history, max_norm, max_consecutive)
   _layout.check_replicated(replicated)
   inner = optax.with_extra_args_support(inner)
-  stats_cls = _base.named_state(SkipStats, name)
+  name = _base.check_name(name, "skip_spikes")
 
   def init_fn(params):
     if size is None:
@@ -255,7 +245,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
         inner=inner.init(params), norms=jnp.zeros((size,), _F32),
         losses=jnp.full((size,), jnp.nan, _F32), position=jnp.zeros((), jnp.int32),
         filled=jnp.zeros((), jnp.int32), consecutive=jnp.zeros((), jnp.int32),
-        skips=jnp.zeros((), jnp.int32), stats=_initial_stats(stats_cls))
+        skips=jnp.zeros((), jnp.int32), clip_stats={name: _initial_stats()})
 
   def thresholds(state):
     """``(threshold, limit_ℓ)`` in force for this step, from the window."""
@@ -280,9 +270,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
     return skipped, jnp.where(finite, run, state.consecutive), threshold
 
   def update_fn(updates, state, params=None, **extra_args):
-    if state is None:
-      raise ValueError("skip_spikes keeps a rolling window of past steps: thread its state"
-                       " through update (state=None is not accepted)")
+    state = _base.state_for(updates, state, SkipSpikesState, None, name=name,
+                            needs="it keeps a rolling window of past steps")
     loss = _loss_of(extra_args.get("value"))
     norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
     norm = norm.astype(_F32)
@@ -291,8 +280,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
     out, inner_state = _select(skipped, inner_updates, inner_state, state.inner)
     shown = jnp.full((), jnp.nan, _F32) if loss is None else loss
     skips = jnp.where(skipped, optax.safe_increment(state.skips), state.skips)
-    stats = stats_cls(norm=norm, loss=shown, threshold=threshold, skipped=skipped, skips=skips)
+    stats = SkipStats(norm=norm, loss=shown, threshold=threshold, skipped=skipped, skips=skips)
     return out, SkipSpikesState(inner=inner_state, **_record(state, norm, shown, ~skipped),
-                                consecutive=consecutive, skips=skips, stats=stats)
+                                consecutive=consecutive, skips=skips, clip_stats={name: stats})
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

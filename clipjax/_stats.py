@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,21 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _base, _docs, _norms
-
-_STATS_KEY = "stats"
-_FIELDS = _base.ClipStats._fields
-
-_NOT_FOUND = (
-    "clipjax.clip_stats found no clipjax statistics in a state that holds no NamedTuple, "
-    "only dicts and lists. A state restored without a target (orbax `restore(path)`, "
-    "flax.serialization.to_state_dict or msgpack_restore) has lost its classes; "
-    "clip_stats then finds a transform's statistics under a 'stats' mapping with the "
-    "fields " + ", ".join(_FIELDS) + ", and there is none here (were the states' "
-    "fields turned into lists?). Restore with a target, e.g. the state "
-    "`tx.init(params)` returns, to keep the classes; if the optimizer has no clipjax "
-    "transform, there is nothing to find.")
-
+from . import _docs, _norms
 
 def path_name(keypath: Sequence[Any], sep: str = "/") -> str:
   """The name of a pytree path: its keys joined by ``sep``.
@@ -120,35 +105,26 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
 
   Finds the state of each clipjax transform anywhere in ``opt_state`` (inside
   ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-  ``optax.masked``, Flax ``TrainState`` and ``nnx.Optimizer`` states, ...) and
-  returns its last step's statistics: ``norm``, ``threshold``, ``scale``,
-  ``clipped``, ``finite``, plus any extra statistics the transform keeps.
+  ``optax.masked``, :func:`clipjax.skip_spikes`, Flax ``TrainState`` and
+  ``nnx.Optimizer`` states, ...) and returns its last step's statistics:
+  ``norm``, ``threshold``, ``scale``, ``clipped``, ``finite``, plus any extra
+  statistics the transform keeps.
 
-  Statistics are named by where they were found:
+  Statistics are named ``"<name>/<field>"``, where ``<name>`` is the
+  transform's ``name=`` (default: its own name, e.g. ``"clip_by_norm"``).
+  When a state holds two transforms of one name, each is named with its
+  position among them, in the order of their paths in ``opt_state``:
+  ``"clip_by_norm_0/norm"``, ``"clip_by_norm_1/norm"``. A statistic kept by
+  path (``clip_by_norm(leaf_stats=True)``'s ``leaf_norms``) gives one entry
+  per path: ``"clip_by_norm/leaf_norms/<path>"``.
 
-  - In a state that keeps its classes (what ``tx.init`` and ``tx.update``
-    return), a transform is known by its state class and its statistics are
-    ``"<name>/<field>"``, where ``<name>`` is the transform's ``name=``
-    (default: its own name, e.g. ``"clip_by_norm"``). When a state holds two
-    transforms of one name, each is named with its position among them, in
-    tree order: ``"clip_by_norm_0/norm"``, ``"clip_by_norm_1/norm"``.
-  - In a dict-shaped state (``nnx.state(optimizer)``,
-    ``flax.serialization.to_state_dict(state)``, an orbax checkpoint restored
-    without a target), the classes are gone. A transform's state is then any
-    mapping with a ``"stats"`` entry that is a mapping holding the fields
-    ``norm``, ``threshold``, ``scale``, ``clipped`` and ``finite``, and its
-    statistics are named by their path in ``opt_state``, as
-    :func:`path_name` writes it: ``"<path>/stats/<field>"``, e.g.
-    ``"0/stats/norm"`` for the first transform of an ``optax.chain``, or
-    ``"opt_state/0/stats/norm"`` in ``nnx.state(optimizer)``. Such names end
-    in ``"stats/<field>"`` and no transform is named ``stats``, so they never
-    equal a class-based one.
-
-  When nothing is found in a state that holds arrays but no NamedTuple at all
-  (optax's states are NamedTuples; restored without a target they become
-  dicts and lists), a ``UserWarning`` says so: such a state has lost its
-  classes, and here the statistics' field names too (or the optimizer has no
-  clipjax transform). Under Python's default warning filters it is shown once.
+  Every clipjax state keeps its statistics in a field ``clip_stats``, a dict
+  keyed by the transform's name, so the names survive what a checkpoint does
+  to a state: the same names and values come out of a live state and of that
+  state after ``pickle``, ``flax.serialization.to_state_dict`` and msgpack,
+  an orbax checkpoint restored with or without a target, or
+  ``nnx.state(optimizer)`` (its ``Variable`` wrappers and ``"value"`` entries
+  are looked through).
 
   Args:
     opt_state: an optax state, or any pytree that contains one.
@@ -167,81 +143,84 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> stats = clipjax.clip_stats(state)
     >>> float(stats["clip_by_global_norm/norm"]), bool(stats["clip_by_global_norm/clipped"])
     (5.0, True)
-    >>> float(clipjax.clip_stats(serialization.to_state_dict(state))["0/stats/norm"])
+    >>> restored = serialization.msgpack_restore(serialization.msgpack_serialize(
+    ...     serialization.to_state_dict(state)))
+    >>> float(clipjax.clip_stats(restored)["clip_by_global_norm/norm"])
     5.0
   """
-  found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_found)[0]
-  found = [(path, node) for path, node in found if _is_found(node)]
-  out = _by_class([node for _, node in found if _is_clip_state(node)])
-  for path, node in found:
-    if not _is_clip_state(node):
-      prefix = path_name((*path, jax.tree_util.DictKey(_STATS_KEY)))
-      for field, value in _stats_of(node).items():
-        out.update(_named(f"{prefix}/{field}", value))
-  if not found and _lost_its_classes(opt_state):
-    warnings.warn(_NOT_FOUND, UserWarning, stacklevel=2)
-  return out
-
-
-def _by_class(states: list[Any]) -> dict[str, jax.Array]:
-  """Statistics of states known by their class, named ``"<name>[_<i>]/<field>"``."""
-  names = [str(_base.state_name(node)) for node in states]
-  kinds = Counter(names)
+  found = sorted(_states(opt_state, ()), key=lambda item: _path_order(item[0]))
+  records = [(str(name), record) for _, node in found
+             for name, record in _field(node, _STATS_FIELD).items()]
+  kinds = Counter(name for name, _ in records)
   seen: Counter[str] = Counter()
   out: dict[str, jax.Array] = {}
-  for node, kind in zip(states, names):
-    prefix = kind if kinds[kind] == 1 else f"{kind}_{seen[kind]}"
-    seen[kind] += 1
-    for field, value in node.stats._asdict().items():
+  for name, record in records:
+    prefix = name if kinds[name] == 1 else f"{name}_{seen[name]}"
+    seen[name] += 1
+    for field, value in _fields_of(record).items():
       out.update(_named(f"{prefix}/{field}", value))
   return out
 
 
+_STATS_FIELD = "clip_stats"
+_FIELDS = ("norm", "threshold", "scale", "clipped", "finite")
+
+
+def _field(node: Any, key: str) -> Any:
+  """A NamedTuple's field or a mapping's entry (a state restored without its class)."""
+  return node[key] if isinstance(node, Mapping) else getattr(node, key)
+
+
+def _states(tree: Any, prefix: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:
+  """Every clipjax state in ``tree`` with its path, those nested in another's fields too."""
+  out = []
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_holds_stats)[0]:
+    if _holds_stats(node):
+      out.append(((*prefix, *path), node))
+      fields = node.items() if isinstance(node, Mapping) else node._asdict().items()
+      for key, value in fields:  # e.g. the inner state of skip_spikes
+        if key != _STATS_FIELD:
+          out += _states(value, (*prefix, *path, jax.tree_util.DictKey(key)))
+  return out
+
+
+def _holds_stats(node: Any) -> bool:
+  """Whether ``node`` is a clipjax state: it has a ``clip_stats`` mapping of name to statistics."""
+  if isinstance(node, Mapping):
+    stats = node.get(_STATS_FIELD)
+  elif isinstance(node, tuple) and hasattr(node, "_fields"):
+    stats = getattr(node, _STATS_FIELD, None)
+  else:
+    return False
+  return isinstance(stats, Mapping)
+
+
+def _fields_of(record: Any) -> dict[str, Any]:
+  """A transform's statistics by field: ClipStats' fields first, then the others sorted."""
+  items = dict(record._asdict()) if hasattr(record, "_asdict") else dict(record)
+  first = [f for f in _FIELDS if f in items]
+  return {str(f): items[f] for f in [*first, *sorted(str(k) for k in items if k not in first)]}
+
+
+def _path_order(path: Sequence[Any]) -> tuple[tuple[int, int | str], ...]:
+  """A sort key that orders paths alike whether their keys are indices or digit strings."""
+  names = path_name(path).split("/") if path else []
+  return tuple((0, int(n)) if n.isdigit() else (1, n) for n in names)
+
+
 def _named(name: str, value: Any) -> dict[str, Any]:
   """``{name: value}``, or for a mapping of statistics by path (``leaf_norms``) one entry each."""
+  value = _unwrap(value)
   if isinstance(value, Mapping):
     return {f"{name}/{key}": _unwrap(item) for key, item in value.items()}
-  return {name: _unwrap(value)}
-
-
-def _stats_of(node: Mapping) -> dict[str, Any]:
-  """A dict-shaped state's statistics: ClipStats' fields first, then any others."""
-  stats = node[_STATS_KEY]
-  fields = [*_FIELDS, *(key for key in stats if key not in _FIELDS)]
-  return {str(field): stats[field] for field in fields}
+  return {name: value}
 
 
 def _unwrap(value: Any) -> Any:
-  """The array inside a one-leaf wrapper (a Flax NNX ``OptArray``), else ``value``."""
-  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+  """The array inside a wrapper: a Flax NNX ``Variable``, or ``{"value": x}`` as orbax keeps one."""
+  while isinstance(value, Mapping) and list(value) == ["value"]:
+    value = value["value"]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic, Mapping)):
     return value
   leaves = jax.tree.leaves(value)
   return leaves[0] if len(leaves) == 1 else value
-
-
-def _is_clip_state(node: Any) -> bool:
-  return _base.state_name(node) is not None
-
-
-def _is_dict_state(node: Any) -> bool:
-  """A transform's state as a mapping: its ``"stats"`` mapping has ClipStats' fields."""
-  if not isinstance(node, Mapping):
-    return False
-  stats = node.get(_STATS_KEY)
-  return isinstance(stats, Mapping) and all(field in stats for field in _FIELDS)
-
-
-def _is_found(node: Any) -> bool:
-  return _is_clip_state(node) or _is_dict_state(node)
-
-
-def _is_named_tuple(node: Any) -> bool:
-  return isinstance(node, tuple) and hasattr(node, "_fields")
-
-
-def _lost_its_classes(tree: Any) -> bool:
-  """Whether ``tree`` holds arrays but only plain containers (no NamedTuple)."""
-  leaves = jax.tree.leaves(tree, is_leaf=_is_named_tuple)
-  if any(_is_named_tuple(leaf) for leaf in leaves):
-    return False
-  return any(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)

@@ -4,7 +4,7 @@ The reference implementation's options (``mode``, ``clip_option``,
 ``clip_factor``, ``skip_update_on_spike``) are kept under their names. As
 every adaptive clipper, it measures the update once, and a step whose norm is
 zero, NaN or inf leaves the running statistics as they were
-(:func:`clipjax._base.norm_transform`).
+(:func:`clipjax._base.taken_into`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ._base import ClipStats, Threshold
 _F32 = jnp.float32
 
 
-@_base.stats_state("zclip")
 class ZclipState(NamedTuple):
   """State of :func:`zclip`.
 
@@ -35,8 +34,9 @@ class ZclipState(NamedTuple):
 
   mean: jax.Array  # [] float32, μ
   var: jax.Array  # [] float32, σ²
-  count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
-  stats: ClipStats
+  warmup_count: jax.Array  # [] int32, steps with a finite nonzero norm (the warm-up clock)
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
 _ZCLIP_MODES = ("zscore", "percentile")
@@ -130,11 +130,14 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   _checks.check_choice("clip_option", clip_option, _ZCLIP_OPTIONS)
   _checks.check_choice("skip_update_on_spike", skip_update_on_spike, (False, True))
 
+  name = _base.check_name(name, "zclip")
+  needs = _base.HISTORY_NEEDS
+
   def init_fn(params):
     del params
     return ZclipState(mean=jnp.zeros((), _F32), var=jnp.zeros((), _F32),
-                      count=jnp.zeros((), jnp.int32),
-                      stats=_base.initial_stats(_base.initial_threshold(max_norm)))
+                      warmup_count=jnp.zeros((), jnp.int32),
+                      clip_stats={name: _base.initial_stats(_base.initial_threshold(max_norm))})
 
   # The rule runs in the norm's dtype (float64 under x64, so a norm beyond
   # float32's range is still clipped); the state keeps float32.
@@ -166,25 +169,28 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     return (_base.saturate(_base.f32(jnp.where(warm, warm_mean, ema_mean))),
             _base.saturate(_base.f32(jnp.where(warm, warm_var, ema_var))))
 
-  def step(norms, state):
-    x = norms.total
-    mean, var = state.mean.astype(x.dtype), state.var.astype(x.dtype)
-    warm = state.count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
+  def update_fn(updates, state, params=None):
+    del params
+    state = _base.state_for(updates, state, ZclipState, None, name=name, needs=needs)
+    x = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
+    count = jnp.asarray(state.warmup_count)
+    mean, var = jnp.asarray(state.mean).astype(x.dtype), jnp.asarray(state.var).astype(x.dtype)
+    warm = count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
     spike, target, boundary = thresholds(x, mean, var, warm)
     adaptive = jnp.where(spike, target, jnp.inf)
     high = adaptive
-    cap = _base.resolve(max_norm, state.count)
+    cap = _base.resolve(max_norm, count)
     if cap is not None:
       high = jnp.minimum(adaptive, cap.astype(x.dtype))
       boundary = jnp.minimum(boundary, cap.astype(x.dtype))
     scale, clipped, finite = _base.scale_rule(x, high)
-    new_mean, new_var = moments(x, jnp.minimum(x, adaptive), mean, var, state.count, warm)
+    new_mean, new_var = moments(x, jnp.minimum(x, adaptive), mean, var, count, warm)
     if skip_update_on_spike:
       new_mean = jnp.where(spike, state.mean, new_mean)
       new_var = jnp.where(spike, state.var, new_var)
-    mean, var = new_mean, new_var
-    return scale, ZclipState(mean=mean, var=var, count=_base.next_count(state.count),
-                             stats=_base.make_stats(x, boundary, scale, clipped, finite))
+    stats = _base.make_stats(x, boundary, scale, clipped, finite)
+    new = ZclipState(mean=new_mean, var=new_var, warmup_count=_base.next_count(count),
+                     clip_stats={name: stats})
+    return _base.apply_scale(updates, scale), _base.taken_into(x, new, state)
 
-  return _base.norm_transform(_base.named_state(ZclipState, name), init_fn, step, axis_name,
-                              replicated)
+  return optax.GradientTransformation(init_fn, update_fn)

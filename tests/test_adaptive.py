@@ -100,7 +100,7 @@ def _check_bad_steps_keep_state(norms, states):
   """At every NaN or inf step, each running statistic is bit-identical to the step before."""
   bad = np.flatnonzero(~np.isfinite(norms))
   assert bad.size and bad.min() > 0
-  running = states._replace(stats=None)
+  running = states._replace(clip_stats=None)
   for t in bad:
     before = jax.tree.map(lambda x, t=t: np.asarray(x)[t - 1], running)
     after = jax.tree.map(lambda x, t=t: np.asarray(x)[t], running)
@@ -339,8 +339,8 @@ def test_nan_and_inf_steps_pass_through_and_keep_state(entry):
     out, new = update(grads, state)
     for key in grads:
       np.testing.assert_array_equal(out[key], grads[key])
-    for b, a in zip(jax.tree.leaves(state._replace(stats=None)),
-                    jax.tree.leaves(new._replace(stats=None))):
+    for b, a in zip(jax.tree.leaves(state._replace(clip_stats=None)),
+                    jax.tree.leaves(new._replace(clip_stats=None))):
       assert np.array_equal(a, b)
     assert not bool(new.stats.finite) and not bool(new.stats.clipped)
     assert float(new.stats.scale) == 1.0

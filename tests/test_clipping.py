@@ -54,7 +54,7 @@ def test_clip_by_global_norm_matches_reference(dtype, ord, max_norm, min_norm):
   assert bool(stats.clipped) == (scale != 1.0)
   assert bool(stats.finite)
   assert float(stats.threshold) == max_norm
-  assert int(state.count) == 1
+  assert int(state.clip_count) == 1
 
 
 # Computed once with torch 2.13.0: torch.nn.utils.clip_grad_norm_(ts, max_norm=2.0,

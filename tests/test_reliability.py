@@ -91,7 +91,7 @@ def test_float64_norms_above_float32_range_are_clipped_and_stay_finite(name):
     out, new = jax.jit(tx.update)(_tree(1e200, jnp.float64), state, params)
     assert [x.dtype for x in jax.tree.leaves(new)] == dtypes  # lax.scan and jit caches hold
     assert float(clipjax.global_norm(out)) < 1e3  # clipped in float64
-    running = [np.asarray(x) for x in jax.tree.leaves(new._replace(stats=None))
+    running = [np.asarray(x) for x in jax.tree.leaves(new._replace(clip_stats=None))
                if jnp.issubdtype(x.dtype, jnp.floating)]
     assert all(np.all(np.isfinite(x)) for x in running), running
     assert np.isfinite(float(new.stats.norm)) and bool(new.stats.finite)
@@ -278,8 +278,8 @@ def test_zero_steps_leave_running_statistics_untouched(name):
   tx = BY_ID[name].build()
   state = _primed(tx, [_tree(1.0 + seed, seed=seed) for seed in range(3)], PARAMS)
   _, after = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, PARAMS), state, PARAMS)
-  for b, a in zip(jax.tree.leaves(state._replace(stats=None)),
-                  jax.tree.leaves(after._replace(stats=None))):
+  for b, a in zip(jax.tree.leaves(state._replace(clip_stats=None)),
+                  jax.tree.leaves(after._replace(clip_stats=None))):
     np.testing.assert_array_equal(a, b)
 
 

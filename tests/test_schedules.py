@@ -208,7 +208,7 @@ def test_scheduled_global_norm_clips_to_4_3_2_1_and_stays_at_1():
   for (u, _), c in zip(steps, expected):
     np.testing.assert_allclose(np.asarray(u["w"]), np.array([30.0, 40.0]) * c / 50.0,
                                rtol=F32_RTOL)
-  assert int(steps[-1][1].count) == 5
+  assert int(steps[-1][1].clip_count) == 5
 
 
 _SCHEDULES = {

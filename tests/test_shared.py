@@ -117,4 +117,4 @@ def test_state_none_for_clippers_without_memory(entry):
   out, state = tx.update(grads, None, params)
   expected, _ = tx.update(grads, tx.init(params), params)
   assert_tree_equal(out, expected)
-  assert int(state.count) == 1
+  assert int(state.clip_count) == 1
