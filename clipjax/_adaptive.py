@@ -114,6 +114,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   _checks.check_number("percentile", percentile, minimum=0.0, maximum=100.0,
                      allow_schedule=False)
   size = _checks.check_int("history", history, minimum=1)
+  _layout.check_replicated(replicated)
   name = _base.check_name(name, "autoclip")
 
   def init_fn(params):
@@ -235,6 +236,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   _checks.check_number("beta", beta, minimum=0.0, maximum=1.0, strict_max=True,
                      allow_schedule=False)
   _checks.check_int("warmup_steps", warmup_steps, minimum=0)
+  _layout.check_replicated(replicated)
   name = _base.check_name(name, "adagc")
 
   def init_fn(params):
@@ -349,6 +351,7 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
   _checks.check_number("initial_norm", initial_norm, strict_min=True, allow_schedule=False,
                      finite=True)
 
+  _layout.check_replicated(replicated)
   name = _base.check_name(name, "quantile_clip")
 
   def init_fn(params):

@@ -89,7 +89,7 @@ class LeafClipStats(NamedTuple):
 def _leaf_norms_by_path(tree: Any, norms: jax.Array, layout: _layout.Layout
                         ) -> dict[str, jax.Array]:
   """Each leaf's norm (one per slice with a layer axis), keyed by its path."""
-  paths = [_stats.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  paths = _stats.leaf_names(tree)
   return {path: (norms[start] if layer is None else norms[start:start + count]).astype(
       jnp.float32) for path, start, count, layer in zip(paths, layout.starts, layout.counts,
                                                          layout.layers)}

@@ -59,8 +59,9 @@ def norms_by_path(tree: Any, ord: int | float | str = 2, *,  # noqa: A002 - opta
   ``‖g‖_ord`` for ``ord`` 1, 2 and inf.
 
   Flax NNX states hold ``Variable`` objects whose array is their ``value``
-  attribute, so their paths end in ``"/value"``; ``nnx.to_pure_dict(grads)``
-  gives plain dicts and paths such as ``"kernel"``.
+  attribute; that last ``value`` is left out of the name, so an ``nnx.State``
+  of gradients and ``nnx.to_pure_dict(grads)`` both give paths such as
+  ``"linear/kernel"``.
 
   Args:
     tree: a pytree of arrays (gradients).
@@ -86,18 +87,33 @@ def norms_by_path(tree: Any, ord: int | float | str = 2, *,  # noqa: A002 - opta
   """
   if not isinstance(sep, str) or not sep:
     raise ValueError(f"{sep=} must be a non-empty string")
-  paths = [path_name(path, sep) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  _check_unique(paths, sep)
+  paths = leaf_names(tree, sep)
   norms = _norms.measure(tree, ord, axis_name=axis_name, replicated=replicated).leaves
   return {path: norms[i] for i, path in enumerate(paths)}
 
 
-def _check_unique(paths: list[str], sep: str) -> None:
-  repeated = [path for path, n in Counter(paths).items() if n > 1]
+_VARIABLE_VALUE = jax.tree_util.GetAttrKey("value")
+
+
+def leaf_names(tree: Any, sep: str = "/") -> list[str]:
+  """The name of each leaf of ``tree`` by its path, in ``jax.tree.leaves`` order.
+
+  A path's last ``.value`` attribute (the array of a Flax NNX ``Variable``) is
+  left out, so the parameters' names are the same whether ``init`` sees
+  ``nnx.State`` with Variables or ``update`` sees plain arrays.
+
+  Raises:
+    ValueError: when two leaves get the same name (a key that contains ``sep``).
+  """
+  paths = [path[:-1] if path and path[-1] == _VARIABLE_VALUE else path
+           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  names = [path_name(path, sep) for path in paths]
+  repeated = [name for name, n in Counter(names).items() if n > 1]
   if repeated:
     raise ValueError(
         f"two leaves are both named {repeated[0]!r} with {sep=} (a key contains sep); "
         "pass another sep")
+  return names
 
 
 def clip_stats(opt_state: Any) -> dict[str, jax.Array]:

@@ -18,6 +18,7 @@ import optax
 from . import _base
 from . import _checks
 from . import _docs
+from . import _layout
 from . import _norms
 from . import _partials
 from ._base import ClipStats, Threshold
@@ -130,6 +131,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   _checks.check_choice("clip_option", clip_option, _ZCLIP_OPTIONS)
   _checks.check_choice("skip_update_on_spike", skip_update_on_spike, (False, True))
 
+  _layout.check_replicated(replicated)
   name = _base.check_name(name, "zclip")
   needs = _base.HISTORY_NEEDS
 

@@ -387,7 +387,7 @@ def test_extra_args_reach_an_inner_transformation_that_takes_them():
 
 def test_state_none_is_rejected():
   tx = clipjax.skip_spikes(optax.sgd(1.0))
-  with pytest.raises(ValueError, match="thread its state"):
+  with pytest.raises(ValueError, match="thread it through"):
     tx.update(jnp.ones(2), None)
 
 
