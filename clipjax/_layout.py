@@ -84,8 +84,7 @@ def layout(tree: Any, layer_axis: Any = None) -> Layout:
   Raises ``ValueError`` naming the leaf's path when a layer axis is out of its range.
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  axes = _per_leaf(tree, layer_axis, "layer_axis", "an int",
-                   lambda v: isinstance(v, int) and not isinstance(v, bool))
+  axes = _layer_axes(flat, layer_axis)
   layers, counts = [], []
   for (path, leaf), axis in zip(flat, axes):
     shape = jnp.shape(leaf)
@@ -95,6 +94,56 @@ def layout(tree: Any, layer_axis: Any = None) -> Layout:
     layers.append(None if axis is None else axis % len(shape))
     counts.append(1 if axis is None else shape[axis])
   return Layout(tuple(layers), tuple(counts))
+
+
+def _is_axis(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _names(path: Sequence[Any]) -> tuple[Any, ...]:
+  """A key path as plain names, whatever the containers.
+
+  A dict key, an attribute and an index all become the key itself, and an NNX
+  ``Variable``'s last ``.value`` is left out, so that a prefix built from
+  ``nnx.state(model)``, from a plain dict or from ``nnx.State`` matches the
+  same leaves.
+  """
+  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
+    keys = keys[:-1]
+  return tuple(keys)
+
+
+def _layer_axes(flat: list[tuple[Any, Any]], layer_axis: Any) -> list[int | None]:
+  """``layer_axis`` (an int, ``None`` or a pytree prefix of them) for each leaf of ``flat``.
+
+  The prefix is matched by path, not by node type: each leaf takes the entry
+  whose path its own path starts with.
+  """
+  if layer_axis is None or _is_axis(layer_axis):
+    return [layer_axis] * len(flat)
+  entries = jax.tree_util.tree_flatten_with_path(
+      layer_axis, is_leaf=lambda x: x is None or _is_axis(x))[0]
+  if not all(value is None or _is_axis(value) for _, value in entries):
+    raise ValueError(f"layer_axis={layer_axis!r} must be an int or a pytree prefix of the"
+                     " updates holding ints and None, one per leaf or subtree")
+  entries = [(_names(path), value) for path, value in entries]
+  used, axes = set(), []
+  for path, _ in flat:
+    names = _names(path)
+    found = [i for i, (prefix, _) in enumerate(entries) if names[:len(prefix)] == prefix]
+    if len(found) != 1:
+      raise ValueError(
+          f"layer_axis={layer_axis!r} has {len(found) or 'no'} entries for the leaf"
+          f" {'/'.join(map(str, names))} of the updates; its entries are at"
+          f" {['/'.join(map(str, p)) for p, _ in entries]}")
+    used.add(found[0])
+    axes.append(entries[found[0]][1])
+  unused = ['/'.join(map(str, entries[i][0])) for i in range(len(entries)) if i not in used]
+  if unused:
+    raise ValueError(f"layer_axis={layer_axis!r} has entries at {unused} that match no leaf"
+                     " of the updates")
+  return axes
 
 
 def is_sharded(x: jax.Array) -> bool:

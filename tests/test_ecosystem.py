@@ -115,3 +115,41 @@ def test_a_state_never_aliases_a_users_array(entry):
   state = initial.init(GRADS)
   jax.jit(initial.update, donate_argnums=(1,))(GRADS, state)
   assert not value.is_deleted()
+
+
+def test_layer_axis_prefix_matches_nnx_states_by_path():
+  from flax import nnx
+
+  class Scanned(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.Param(jax.random.normal(rngs.params(), (3, 2, 2)))
+      self.head = nnx.Linear(2, 1, rngs=rngs)
+
+    def __call__(self, x):
+      for i in range(3):
+        x = jnp.tanh(x @ self.blocks[i])
+      return self.head(x)
+
+  x = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+  plain = {"blocks": 0, "head": None}
+  model = Scanned(nnx.Rngs(0))
+  from_state = jax.tree.map(lambda _: None, nnx.state(model, nnx.Param))
+  from_state["blocks"] = 0
+  for prefix in (plain, from_state):
+    optimizer = nnx.Optimizer(model, clipjax.clip_by_norm(0.1, layer_axis=prefix),
+                              wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    pure = nnx.to_pure_dict(grads)
+    expected = np.max([np.linalg.norm(np.asarray(pure["blocks"][i], np.float64))
+                       for i in range(3)] + [np.linalg.norm(np.asarray(v, np.float64))
+                                             for v in pure["head"].values()])
+    np.testing.assert_allclose(float(optimizer.opt_state.stats.norm), expected, rtol=1e-6)
+
+
+def test_layer_axis_that_does_not_fit_says_what_differs():
+  tree = {"blocks": jnp.ones((3, 2)), "head": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"no entries for the leaf head .* entries are at"):
+    clipjax.leaf_norms(tree, layer_axis={"blocks": 0})
+  with pytest.raises(ValueError, match=r"entries at \['tail'\] that match no leaf"):
+    clipjax.leaf_norms(tree, layer_axis={"blocks": 0, "head": None, "tail": None})
