@@ -122,11 +122,30 @@ def _flat(parts: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
 
 
+def _stacked(rows: list[Rows]) -> jax.Array:
+  """The rows of every leaf as one ``[3, n_tensors]`` array."""
+  rows = [_replicated(r) for r in rows]
+  return jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
+
+
+def _replicated(rows: Rows) -> Rows:
+  """A leaf's rows, replicated on every device where their type shards them.
+
+  A leaf whose layer axis is sharded on an Explicit mesh has rows of one
+  value per slice, sharded like that axis; explicit sharding joins only arrays
+  of one sharding. Its three rows are gathered together, a few scalars per
+  slice (the gradients themselves never are).
+  """
+  if not _layout.is_sharded(rows[0]):
+    return rows
+  both = jax.sharding.reshard(jnp.stack(rows), jax.sharding.PartitionSpec())
+  return both[0], both[1], both[2]
+
+
 def _reduced_rows(rows: list[Rows], layout: Layout, axis_name: AxisName,
                   maximum: bool | jax.Array, shared: Shared) -> list[Rows]:
   """The rows of every leaf, reduced over ``axis_name`` with ONE collective."""
-  stacked = jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
-  stacked = all_reduce(stacked, axis_name, maximum=maximum, shared=shared)
+  stacked = all_reduce(_stacked(rows), axis_name, maximum=maximum, shared=shared)
   out = []
   for (p, _, _), start, count in zip(rows, layout.starts, layout.counts):
     part = stacked[:, start:start + count]
@@ -245,8 +264,7 @@ def _norms_of(rows: list[Rows], ord: Ord, small: bool, sizes: np.ndarray,
   per_leaf = tuple(_root(*r, ord, small) for r in rows)
   # Computed once: otherwise XLA fuses the whole tree's reduction into every
   # leaf-sized kernel that reads the total (n reductions copied n times).
-  plain, shrunk, grown = _xla.materialized(jnp.stack([_flat([r[i] for r in rows])
-                                                      for i in range(3)]))
+  plain, shrunk, grown = _xla.materialized(_stacked(rows))
   if ord == float("inf"):
     total = jnp.max(plain, initial=0.0)
   else:
