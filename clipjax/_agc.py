@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -77,26 +77,29 @@ def unit_squares(x: jax.Array, axes: tuple[int, ...], acc: jnp.dtype,
 
 
 def _reduce_rows(rows: list[jax.Array], axis_name: _norms.AxisName,
-                 shared: Sequence[bool]) -> list[jax.Array]:
-  """Adds every array of ``rows`` over the devices with one collective (``shared``: count once)."""
+                 shared: Sequence[tuple[Hashable, ...]]) -> list[jax.Array]:
+  """Adds every array of ``rows`` over the devices with one collective.
+
+  ``shared`` holds, per array, the axes it is replicated over (counted once).
+  """
   sizes = [r.size for r in rows]
   flat = _norms.all_reduce(jnp.concatenate([r.ravel() for r in rows]), axis_name,
-                           shared=np.repeat(np.asarray(shared, bool), sizes))
+                           shared=_norms.shared_masks(shared, axis_name, sizes))
   starts = np.cumsum([0] + sizes)
   return [flat[s:s + r.size].reshape(r.shape) for s, r in zip(starts, rows)]
 
 
 def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
                axis_name: _norms.AxisName = None,
-               shared: Sequence[bool] | None = None) -> list[jax.Array]:
+               shared: Sequence[tuple[Hashable, ...]] | None = None) -> list[jax.Array]:
   """The L2 norm of every unit of every leaf (reduced over its ``axes``, with ``keepdims``).
 
   Overflow-safe as :func:`clipjax.global_norm`, through the rescue of
   ``_partials``: each leaf is read once for its plain unit sums; only when one
   of them overflowed on this device does a local ``lax.cond`` reread the
   leaves on ``x * 2**-k``. With ``axis_name`` the plain and shrunk sums of all
-  leaves are added over the devices with one collective, ``shared`` leaves
-  (replicated) counted once.
+  leaves are added over the devices with one collective, each leaf counted
+  once over the axes ``shared`` names for it (those it is replicated over).
   """
   acc = _partials.accumulation_dtype(leaves)
   plain = [unit_squares(x, a, acc) for x, a in zip(leaves, axes)]
@@ -107,7 +110,7 @@ def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
   shrunk, _ = _partials.rescued(plain, reread, acc, 2,
                                 overflow=_partials.can_overflow(leaves, acc), underflow=False)
   if axis_name is not None and plain:
-    flags = list(shared) if shared is not None else [False] * len(leaves)
+    flags = list(shared) if shared is not None else [()] * len(leaves)
     rows = _reduce_rows(plain + shrunk, axis_name, flags * 2)
     plain, shrunk = rows[:len(plain)], rows[len(plain):]
   return [_partials.root(p, q, None, 2) for p, q in zip(plain, shrunk)]
@@ -242,8 +245,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
       ``psum`` for the whole tree. With ``axis=None`` the unit axes are
       inferred from each device's local shard: pass ``axis`` when a shard has
       a dimension of size 1 that the full leaf does not.
-    replicated: pytree prefix of bools marking leaves that are the same on
-      every device of ``axis_name`` (not sharded); they are counted once.
+    {replicated}
     layer_axis: pytree prefix of ``int | None``: a leaf with a layer axis
       (a scanned model's stacked layers) is clipped slice by slice, its unit
       axes inferred from the rank of one slice (an ``(layers, in, out)``
@@ -293,8 +295,9 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     grads, weights, treedef = _paired(updates, params)
     layers = _layout.layout(updates, layer_axis).layers
     axes = [slice_unit_axes(g, axis, layer) for g, layer in zip(grads, layers)]
-    shared = _layout.replicated_mask(updates, replicated)
-    norms = unit_norms(grads + weights, axes * 2, axis_name, shared * 2)
+    shared = (_layout.replicated_axes(updates, replicated, axis_name)
+              + _layout.replicated_axes(treedef.unflatten(weights), replicated, axis_name))
+    norms = unit_norms(grads + weights, axes * 2, axis_name, shared)
     acc = _partials.accumulation_dtype(grads + weights)
     high, floor = limit.astype(acc), jnp.asarray(eps).astype(acc)
     g_norms, w_norms = norms[:len(grads)], norms[len(grads):]

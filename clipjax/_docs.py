@@ -34,8 +34,11 @@ axis_name: mapped axis name(s) over which the leaves are sharded; the
   global norm is taken over all shards with one collective."""
 
 _REPLICATED = """\
-replicated: pytree prefix of bools marking leaves that are the same on
-  every device of ``axis_name``; they are counted once."""
+replicated: where types record no mesh axes (``pmap``, ``shard_map`` with
+  ``check_vma=False``), a pytree prefix of bools (all of ``axis_name``) or
+  tuples of axis names marking the leaves that are the same on every device
+  of those axes; they are counted once, and unmarked leaves on every device.
+  Inside ``shard_map`` each leaf's type says it; a contradicting value raises."""
 
 _SCHEDULE_RETURNS = """\
 Returns:

@@ -11,7 +11,8 @@ the one owner of the collective and of the count-once rule for replicated
 leaves.
 """
 
-from collections.abc import Hashable, Sequence
+import math
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +27,10 @@ from . import _xla
 from ._layout import Layout
 from ._partials import Ord
 
-AxisName = Hashable | tuple[Hashable, ...] | None
+AxisName = _layout.AxisName
+# For each axis name, NumPy bools marking the entries of a vector that hold the
+# same value on every device of that axis (replicated leaves).
+Shared = Mapping[Hashable, np.ndarray]
 
 VALID_ORDS = (1, 2, float("inf"))
 
@@ -84,17 +88,17 @@ def _local_rows(leaves: Sequence[jax.Array], layers: Sequence[int | None], ord: 
 
 
 def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
-                keep: Sequence[jax.Array | bool]) -> jax.Array:
-  """The local ``[3]`` sums (plain, shrunk, grown) over the leaves ``keep`` counts here.
+                shared: Shared) -> jax.Array:
+  """The local ``[3]`` sums (plain, shrunk, grown) over the leaves this device counts.
 
   For a norm of the whole tree only: the rescue ``lax.cond`` recomputes two
   sums rather than a partial per leaf, which keeps the program small.
+  ``shared`` marks the leaves counted once (see :func:`count_once`).
   """
-  zero = jnp.zeros((), acc)
 
   def parts(factor):
-    return jnp.stack([jnp.where(k, _partials.partial(leaf, ord, acc, factor), zero)
-                      for leaf, k in zip(leaves, keep)])
+    return count_once(jnp.stack([_partials.partial(leaf, ord, acc, factor) for leaf in leaves]),
+                      shared)
 
   if ord == float("inf"):
     # The per-leaf maxima are computed once: otherwise XLA CPU fuses every leaf's
@@ -118,12 +122,30 @@ def _flat(parts: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
 
 
+def _stacked(rows: list[Rows]) -> jax.Array:
+  """The rows of every leaf as one ``[3, n_tensors]`` array."""
+  rows = [_replicated(r) for r in rows]
+  return jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
+
+
+def _replicated(rows: Rows) -> Rows:
+  """A leaf's rows, replicated on every device where their type shards them.
+
+  A leaf whose layer axis is sharded on an Explicit mesh has rows of one
+  value per slice, sharded like that axis; explicit sharding joins only arrays
+  of one sharding. Its three rows are gathered together, a few scalars per
+  slice (the gradients themselves never are).
+  """
+  if not _layout.is_sharded(rows[0]):
+    return rows
+  both = jax.sharding.reshard(jnp.stack(rows), jax.sharding.PartitionSpec())
+  return both[0], both[1], both[2]
+
+
 def _reduced_rows(rows: list[Rows], layout: Layout, axis_name: AxisName,
-                  maximum: bool | jax.Array, shared: Sequence[bool]) -> list[Rows]:
+                  maximum: bool | jax.Array, shared: Shared) -> list[Rows]:
   """The rows of every leaf, reduced over ``axis_name`` with ONE collective."""
-  stacked = jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
-  stacked = all_reduce(stacked, axis_name, maximum=maximum,
-                       shared=layout.per_tensor(np.asarray(shared, bool))[None, :])
+  stacked = all_reduce(_stacked(rows), axis_name, maximum=maximum, shared=shared)
   out = []
   for (p, _, _), start, count in zip(rows, layout.starts, layout.counts):
     part = stacked[:, start:start + count]
@@ -144,22 +166,66 @@ def _pmax(values: jax.Array, axis_name: AxisName) -> jax.Array:
   return jnp.where(both[1] > 0, jnp.full((), jnp.nan, values.dtype), both[0])
 
 
+def shared_masks(replicated: Sequence[tuple[Hashable, ...]], axis_name: AxisName,
+                 repeats: Sequence[int] | int = 1) -> dict[Hashable, np.ndarray]:
+  """The :data:`Shared` masks of a vector holding ``repeats`` entries per leaf, in leaf order.
+
+  ``replicated`` holds, per leaf, the axes over which it is the same on every
+  device (``_layout.replicated_axes``).
+  """
+  return {axis: np.repeat(np.asarray([axis in r for r in replicated], bool), repeats)
+          for axis in _layout.axes_of(axis_name)}
+
+
+def count_once(values: jax.Array, shared: Shared | None) -> jax.Array:
+  """``values`` with zeros where this device must not add them, so a sum counts them once.
+
+  The count-once rule for replicated leaves, written only here. ``shared``
+  maps axis names to NumPy bools (broadcastable to ``values``) marking entries
+  that hold the same value on every device of that axis; such an entry is
+  kept on the devices of index 0 along every axis that marks it, zeroed on the
+  others.
+  """
+  keep = None
+  for axis, mask in (shared or {}).items():
+    if mask.any():
+      first = lax.axis_index(axis) == 0
+      here = jnp.logical_or(jnp.asarray(~mask), first)
+      keep = here if keep is None else jnp.logical_and(keep, here)
+  return values if keep is None else jnp.where(keep, values, jnp.zeros((), values.dtype))
+
+
+def _varying(values: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``values`` typed as varying over every axis of ``axis_name`` whose types are recorded.
+
+  Inside ``shard_map`` a collective over an axis needs an operand of a type
+  that varies over it; the partials of leaves replicated over an axis (and
+  not masked, as for the max) are not.
+  """
+  missing = tuple(a for a in _layout.typed_axes(axis_name)
+                  if a not in _layout.varying_axes(values))
+  if not missing:
+    return values
+  if hasattr(lax, "pcast"):  # JAX 0.10 renamed pvary
+    return lax.pcast(values, missing, to="varying")
+  return lax.pvary(values, missing)
+
+
 def all_reduce(values: jax.Array, axis_name: AxisName, *, maximum: bool | jax.Array = False,
-               shared: np.ndarray | None = None) -> jax.Array:
+               shared: Shared | None = None) -> jax.Array:
   """Sums (or, with ``maximum``, maxes) ``values`` over ``axis_name`` with ONE collective.
 
   The only cross-device reduction of the package. NaN and inf on any device
   reach every device: ``psum`` propagates them, the max carries an is-NaN
-  indicator in its operand. ``shared`` (NumPy bools broadcastable to
-  ``values``) marks entries that hold the same value on every device of the
-  axis (replicated leaves): a sum counts them once, from the device of index
-  0. A traced ``maximum`` (a traced ``ord``) picks the collective at run
-  time, so one is still executed.
+  indicator in its operand. ``shared`` marks, per axis, entries that hold the
+  same value on every device of that axis (replicated leaves): a sum counts
+  them once (:func:`count_once`); a max needs no mask. A traced ``maximum``
+  (a traced ``ord``) picks the collective at run time, so one is still
+  executed.
   """
-  if maximum is not True and shared is not None and shared.any():
-    first = lax.axis_index(axis_name) == 0
-    keep = jnp.logical_or(jnp.asarray(~shared), first)
-    values = jnp.where(keep, values, jnp.zeros((), values.dtype))
+  if maximum is not True:
+    values = count_once(values, shared)
+  values = _varying(values, axis_name)
   if maximum is True:
     return _pmax(values, axis_name)
   if maximum is False:
@@ -198,8 +264,7 @@ def _norms_of(rows: list[Rows], ord: Ord, small: bool, sizes: np.ndarray,
   per_leaf = tuple(_root(*r, ord, small) for r in rows)
   # Computed once: otherwise XLA fuses the whole tree's reduction into every
   # leaf-sized kernel that reads the total (n reductions copied n times).
-  plain, shrunk, grown = _xla.materialized(jnp.stack([_flat([r[i] for r in rows])
-                                                      for i in range(3)]))
+  plain, shrunk, grown = _xla.materialized(_stacked(rows))
   if ord == float("inf"):
     total = jnp.max(plain, initial=0.0)
   else:
@@ -207,12 +272,13 @@ def _norms_of(rows: list[Rows], ord: Ord, small: bool, sizes: np.ndarray,
   return Norms(_root(plain, shrunk, grown, ord, small), total, sizes, layout, per_leaf)
 
 
-def _global_sizes(leaves: Sequence[jax.Array], shared: Sequence[bool], layout: Layout,
-                  axis_name: AxisName) -> np.ndarray:
-  """Elements of each tensor over all devices: sharded ones count on each, replicated ones once."""
-  devices = 1 if axis_name is None else lax.axis_size(axis_name)
-  sizes = [leaf.size // max(count, 1) * (1 if flag else devices)
-           for leaf, flag, count in zip(leaves, shared, layout.counts)]
+def _global_sizes(leaves: Sequence[jax.Array], replicated: Sequence[tuple[Hashable, ...]],
+                  layout: Layout, axis_name: AxisName) -> np.ndarray:
+  """Elements of each tensor over all devices: once over the axes it is replicated over."""
+  axes = _layout.axes_of(axis_name)
+  sizes = [leaf.size // max(count, 1)
+           * math.prod(lax.axis_size(a) for a in axes if a not in same)
+           for leaf, same, count in zip(leaves, replicated, layout.counts)]
   return layout.per_tensor(np.asarray(sizes, np.int64)).astype(np.int64)
 
 
@@ -235,14 +301,15 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
   ord = check_ord(ord)
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   acc = _partials.accumulation_dtype(leaves)
-  shared = _layout.replicated_mask(tree, replicated)
+  same = _layout.replicated_axes(tree, replicated, axis_name)
   tensors = _layout.layout(tree, layer_axis)
-  sizes = _global_sizes(leaves, shared, tensors, axis_name)
+  sizes = _global_sizes(leaves, same, tensors, axis_name)
   if not leaves:
     empty = jnp.zeros((0,), acc)
     return Norms(empty, jnp.zeros((), acc), sizes, tensors, ())
   if not per_leaf and not isinstance(ord, jax.core.Tracer):
-    return _total_norm(leaves, ord, acc, small, shared, axis_name, sizes, tensors)
+    return _total_norm(leaves, ord, acc, small, shared_masks(same, axis_name), axis_name,
+                       sizes, tensors)
   ords = VALID_ORDS if isinstance(ord, jax.core.Tracer) else (ord,)
   options = [_local_rows(leaves, tensors.layers, o, acc, small) for o in ords]
   pick = jnp.asarray(ord).astype(jnp.float32)
@@ -252,7 +319,8 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
             for new, old in zip(option, rows)]
   if axis_name is not None:
     maximum = ord == float("inf") if len(ords) == 1 else pick == float("inf")
-    rows = _reduced_rows(rows, tensors, axis_name, maximum, shared)
+    rows = _reduced_rows(rows, tensors, axis_name, maximum,
+                         shared_masks(same, axis_name, tensors.counts))
   results = [_norms_of(rows, o, small, sizes, tensors) for o in ords]
   norms = results[0]
   for value, option in zip(ords[1:], results[1:]):
@@ -265,15 +333,11 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
 
 
 def _total_norm(leaves: list[jax.Array], ord: Ord, acc: jnp.dtype, small: bool,
-                shared: list[bool], axis_name: AxisName, sizes: np.ndarray,
+                shared: Shared, axis_name: AxisName, sizes: np.ndarray,
                 tensors: Layout) -> Norms:
   """:func:`measure` of the whole tree only: one ``[3]`` row of sums, one collective."""
-  keep: list[jax.Array | bool] = [True] * len(leaves)
-  if axis_name is not None and ord != float("inf") and any(shared):
-    # Replicated leaves are counted once: only the device of index 0 adds them.
-    first = lax.axis_index(axis_name) == 0
-    keep = [first if flag else True for flag in shared]
-  rows = _total_rows(leaves, ord, acc, small, keep)
+  # The max needs no mask: a replicated leaf's copies are equal.
+  rows = _total_rows(leaves, ord, acc, small, {} if ord == float("inf") else shared)
   if axis_name is not None:
     rows = all_reduce(rows, axis_name, maximum=ord == float("inf"))
   return Norms(None, _root(rows[0], rows[1], rows[2], ord, small), sizes, tensors, ())
@@ -298,9 +362,9 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: AxisName = None,
     ord: ``1``, ``2`` or ``jnp.inf``.
     axis_name: a mapped axis name, or a tuple of them, over which the leaves are
       sharded (``shard_map``, ``pmap``). The per-leaf partials are reduced with
-      one ``psum`` (``pmax`` for inf).
-    replicated: a pytree prefix of bools marking leaves that hold the same
-      values on every device of ``axis_name``; they are counted once.
+      one ``psum`` (``pmax`` for inf). Inside ``shard_map`` each leaf is
+      counted once over the axes its type does not vary over.
+    {replicated}
 
   Returns:
     A float32 scalar (float64 when the tree holds float64 leaves).
