@@ -75,21 +75,28 @@ def _inner() -> optax.GradientTransformation:
 # The float64 NumPy transcription of the rule -------------------------------------------
 
 
+F32_MAX = float(np.finfo(np.float32).max)  # the threshold statistic while none applies
+
+
 def _np_limit(values: list[float], min_history: int, sigma: float) -> float:
-  """mean + sigma · sample std (0 for one value); inf below ``min_history`` values."""
+  """mean + sigma · max(sample std, 1e-6·|mean|), at least max(values) when the std is below
+  that floor; inf below ``min_history`` values."""
   if len(values) < min_history:
     return float("inf")
   x = np.asarray(values, np.float64)
   std = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
-  return float(np.mean(x)) + sigma * std
+  mean = float(np.mean(x))
+  floor = 1e-6 * abs(mean)
+  limit = mean + sigma * max(std, floor)
+  return max(limit, float(x.max())) if std < floor else limit
 
 
 def reference(norms, losses, *, sigma=SIGMA, window=WINDOW, min_history=MIN_HISTORY,
-              max_norm=None, max_consecutive=None):
+              max_norm=None, max_consecutive=None, count_skipped=False):
   """Per step: skipped, threshold, forced (taken only by the escape), closest margin.
 
   ``losses`` is ``None`` when no loss is given. The windows are the last
-  ``window`` taken steps.
+  ``window`` taken steps (finite steps with ``count_skipped``).
   """
   taken_norms, taken_losses, consecutive = [], [], 0
   rows = []
@@ -110,10 +117,11 @@ def reference(norms, losses, *, sigma=SIGMA, window=WINDOW, min_history=MIN_HIST
           margin = min(margin, abs(x - limit) / abs(limit))
     if not skipped:
       consecutive = 0
-      taken_norms.append(norm)
-      taken_losses.append(loss)
     elif finite:
       consecutive += 1
+    if finite and (count_skipped or not skipped):
+      taken_norms.append(norm)
+      taken_losses.append(loss)
     rows.append((skipped, threshold, finite and spike and escape, margin))
   skipped, threshold, forced, margin = map(np.asarray, zip(*rows))
   return skipped, threshold, forced, margin
@@ -123,10 +131,11 @@ def reference(norms, losses, *, sigma=SIGMA, window=WINDOW, min_history=MIN_HIST
 
 
 @functools.cache
-def _scan(with_loss: bool, max_norm: float | None, max_consecutive: int | None):
+def _scan(with_loss: bool, max_norm: float | None, max_consecutive: int | None,
+          count_skipped: bool):
   tx = clipjax.skip_spikes(_inner(), sigma_factor=SIGMA, window=WINDOW,
                            min_history=MIN_HISTORY, max_norm=max_norm,
-                           max_consecutive=max_consecutive)
+                           max_consecutive=max_consecutive, count_skipped=count_skipped)
 
   @jax.jit
   def run(scales, losses):
@@ -166,20 +175,27 @@ def _assert_equal_bits(a, b, what):
     assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), what
 
 
-def _check_stream(with_loss, max_norm, max_consecutive):
+def _window(state):
+  return state.norms, state.losses, state.has_loss, state.position, state.filled
+
+
+def _check_stream(with_loss, max_norm, max_consecutive, count_skipped=False):
   """Runs the stream and checks every step against the reference; returns its decisions."""
   init, (updates, states) = jax.device_get(
-      _scan(with_loss, max_norm, max_consecutive)(SCALES, LOSSES))
+      _scan(with_loss, max_norm, max_consecutive, count_skipped)(SCALES, LOSSES))
   norms = [_np_norm(s) for s in SCALES]
   skipped, threshold, forced, margin = reference(
-      norms, LOSSES if with_loss else None, max_norm=max_norm, max_consecutive=max_consecutive)
+      norms, LOSSES if with_loss else None, max_norm=max_norm, max_consecutive=max_consecutive,
+      count_skipped=count_skipped)
+  finite = np.isfinite(norms) & (np.isfinite(LOSSES) if with_loss else True)
   assert margin.min() > MARGIN, f"the stream has a near-tie at step {margin.argmin()}"
   stats = states.stats
   np.testing.assert_array_equal(np.asarray(stats.skipped), skipped)
   np.testing.assert_array_equal(np.asarray(stats.skips), np.cumsum(skipped))
   np.testing.assert_allclose(np.asarray(stats.norm), norms, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(stats.threshold), threshold, rtol=1e-5)
-  expected_loss = LOSSES if with_loss else np.full(STEPS, np.nan, np.float32)
+  np.testing.assert_allclose(np.asarray(stats.threshold),
+                             np.where(np.isinf(threshold), F32_MAX, threshold), rtol=1e-5)
+  expected_loss = LOSSES if with_loss else np.zeros(STEPS, np.float32)
   np.testing.assert_array_equal(np.asarray(stats.loss), expected_loss)
   expected = _inner_on_taken_steps(~skipped)
   before = init
@@ -189,7 +205,11 @@ def _check_stream(with_loss, max_norm, max_consecutive):
     if skipped[t]:
       _assert_equal_bits(got, want, f"step {t}: zeros")
       _assert_equal_bits(after.inner, before.inner, f"step {t}: inner state")
-      _assert_equal_bits(after[1:5], before[1:5], f"step {t}: window")
+      if not (count_skipped and finite[t]):
+        _assert_equal_bits(_window(after), _window(before), f"step {t}: window")
+      else:  # the skipped step entered the window
+        assert int(after.filled) == min(int(before.filled) + 1, WINDOW), t
+        assert float(after.norms[int(before.position)]) == np.float32(norms[t]), t
     else:
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
@@ -244,7 +264,7 @@ def test_loss_spike_is_skipped_only_when_value_is_passed():
   without, _ = _run(tx, norms)
   assert [bool(s.skipped) for s in with_loss] == [False] * 5 + [True]
   assert not any(bool(s.skipped) for s in without)
-  assert np.isnan(without[-1].loss) and float(with_loss[-1].loss) == 30.0
+  assert float(without[-1].loss) == 0.0 and float(with_loss[-1].loss) == 30.0
 
 
 def test_max_norm_applies_before_min_history():
@@ -255,10 +275,11 @@ def test_max_norm_applies_before_min_history():
   assert int(state.filled) == 2 and int(state.skips) == 2
 
 
-def test_threshold_is_inf_before_min_history():
+def test_threshold_reads_float32_max_before_min_history():
   tx = clipjax.skip_spikes(optax.sgd(1.0), window=8)  # min_history = 4
   stats, _ = _run(tx, [1.0, 1.0, 1.0, 1.0, 1.0])
-  assert [float(s.threshold) for s in stats] == [np.inf] * 4 + [1.0]
+  # A constant window's limit is its value plus the relative floor on the spread.
+  assert [float(s.threshold) for s in stats] == [F32_MAX] * 4 + [np.float32(1.0 + 6e-6)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -369,9 +390,17 @@ def test_clipper_inside_inner_reports_both_statistics():
   assert {"skip_spikes/norm", "skip_spikes/loss", "skip_spikes/threshold",
           "skip_spikes/skipped", "skip_spikes/skips", "zclip/norm", "zclip/clipped"} <= set(shown)
   assert bool(shown["skip_spikes/skipped"]) and float(shown["skip_spikes/norm"]) == 40.0
-  # The spike was skipped, so zclip reports its last taken step.
-  assert float(shown["zclip/norm"]) == pytest.approx(0.9)
+  # zclip reports what it measured on the skipped step...
+  assert float(shown["zclip/norm"]) == 40.0
   assert [bool(s.skipped) for s in stats] == [False, False, False, True]
+  # ...while every other field of the inner state is the last taken step's, bit for bit.
+  _, before = _run(tx, [1.0, 1.2, 0.9])
+  zclip_now, zclip_before = state.inner[0], before.inner[0]
+  for field in zclip_now._fields:
+    if field != "clip_stats":
+      _assert_equal_bits(getattr(zclip_now, field), getattr(zclip_before, field), field)
+  _assert_equal_bits(state.inner[1], before.inner[1], "sgd state")
+  assert float(clipjax.clip_stats(before)["zclip/norm"]) == pytest.approx(0.9)
 
 
 @pytest.mark.loose_promotion  # reduce_on_plateau divides a float32 sum by an int32 count
@@ -387,7 +416,7 @@ def test_extra_args_reach_an_inner_transformation_that_takes_them():
 
 def test_state_none_is_rejected():
   tx = clipjax.skip_spikes(optax.sgd(1.0))
-  with pytest.raises(ValueError, match="thread its state"):
+  with pytest.raises(ValueError, match="needs the SkipSpikesState.*thread it through"):
     tx.update(jnp.ones(2), None)
 
 
