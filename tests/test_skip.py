@@ -209,7 +209,7 @@ def _check_stream(with_loss, max_norm, max_consecutive, count_skipped=False):
         _assert_equal_bits(_window(after), _window(before), f"step {t}: window")
       else:  # the skipped step entered the window
         assert int(after.filled) == min(int(before.filled) + 1, WINDOW), t
-        assert float(after.norms[int(before.position)]) == np.float32(norms[t]), t
+        assert after.norms[int(before.position)] == after.stats.norm, t
     else:
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
@@ -239,6 +239,15 @@ def test_max_norm_without_max_consecutive_skips_every_step_above_it():
   assert not forced.any()
   assert skipped[SHIFT:].all()  # no escape: a lasting shift stalls training
   assert skipped[[60, 61, 130, 200]].all()
+
+
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "norm_only"])
+def test_count_skipped_lets_skipped_spikes_into_the_window(with_loss):
+  skipped, _ = _check_stream(with_loss, None, None, count_skipped=True)
+  # The window takes in the shifted norms, so the new scale becomes the baseline
+  # without max_consecutive (without count_skipped every later step would be skipped).
+  assert skipped[SHIFT] and not skipped[-50:].any()
+  assert skipped[[90, 170]].all()  # non-finite: skipped, and kept out of the window
 
 
 # Smaller cases ---------------------------------------------------------------------------
@@ -517,6 +526,8 @@ def test_shard_map_gives_the_unsharded_decisions_with_one_all_reduce():
     ({"max_norm": optax.constant_schedule(1.0)}, r"^max_norm=.* must be a number"),
     ({"max_consecutive": 0}, r"^max_consecutive=0 must be >= 1$"),
     ({"max_consecutive": True}, r"^max_consecutive=True must be an int$"),
+    ({"count_skipped": 1}, r"^count_skipped=1 must be a bool$"),
+    ({"on_nonfinite": "warn"}, r"^on_nonfinite='warn' must be one of 'skip', 'raise'$"),
 ])
 def test_bad_arguments_raise_naming_the_argument(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -539,3 +550,148 @@ def test_traced_arguments_pass_unchecked():
 
   # Values that would be rejected if they were concrete: only checked in Python.
   assert not bool(jax.jit(build)(-1.0, 5.0, 9, 0))
+
+
+# The loss argument ---------------------------------------------------------------------------
+
+
+def _recording_inner(seen: list):
+  """An inner transformation that records the extra arguments it receives."""
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    seen.append(sorted(extra_args))
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def test_loss_keyword_decides_like_value_and_reaches_inner():
+  norms = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]
+  losses = [3.0, 3.1, 2.9, 3.05, 2.95, 30.0]
+  seen = []
+  tx = clipjax.skip_spikes(_recording_inner(seen), sigma_factor=3.0, window=8, min_history=4)
+  state = tx.init(jnp.zeros(2))
+  by_loss = []
+  for norm, loss in zip(norms, losses, strict=True):
+    _, state = tx.update(jnp.array([norm, 0.0]), state, loss=jnp.float32(loss), other=1)
+    by_loss.append(jax.device_get(state.stats))
+  by_value, _ = _run(clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=3.0, window=8,
+                                         min_history=4), norms, losses)
+  assert [bool(s.skipped) for s in by_loss] == [False] * 5 + [True]
+  for a, b in zip(by_loss, by_value, strict=True):
+    _assert_equal_bits(a, b, "statistics")
+  assert seen == [["loss", "other"]] * len(norms)  # every extra argument, unchanged
+
+
+def test_loss_and_value_together_are_rejected():
+  tx = clipjax.skip_spikes(optax.sgd(1.0))
+  with pytest.raises(ValueError, match="loss= or as value=, not both"):
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)), loss=1.0, value=1.0)
+  with pytest.raises(ValueError, match=r"loss= must be a scalar loss"):
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)), loss=jnp.ones(2))
+
+
+# Constant and nearly constant inputs ---------------------------------------------------------
+
+
+def _scan_steps_of(tx, norms, losses=None):
+  """``skipped`` of every step, run in one jitted scan over ``norm · e_0``."""
+  @jax.jit
+  def run(norms, losses):
+    def step(state, x):
+      extra = {} if losses is None else {"loss": x[1]}
+      _, state = tx.update(jnp.stack([x[0], jnp.zeros_like(x[0])]), state, **extra)
+      return state, state.stats.skipped
+
+    xs = (norms, norms if losses is None else losses)
+    return lax.scan(step, tx.init(jnp.zeros(2)), xs)[1]
+
+  return np.asarray(run(jnp.asarray(norms, jnp.float32),
+                        None if losses is None else jnp.asarray(losses, jnp.float32)))
+
+
+@pytest.mark.parametrize("value", [0.3701, 1.0, 7.77, 123456.7, 3e-30])
+def test_a_thousand_identical_steps_are_never_skipped(value):
+  tx = clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=6.0, window=128, min_history=8)
+  steps = np.full(1000, value, np.float32)
+  assert not _scan_steps_of(tx, steps).any()  # constant norm
+  ordinary = np.exp(0.05 * np.random.default_rng(0).standard_normal(1000)).astype(np.float32)
+  assert not _scan_steps_of(tx, ordinary, steps).any()  # constant loss, ordinary norms
+
+
+@pytest.mark.parametrize("sigma_factor", [6.0, 1.0])
+def test_a_slowly_drifting_plateau_is_never_skipped(sigma_factor):
+  rng = np.random.default_rng(4)
+  # Within 1e-7 relative (an ulp or two): a random walk around 2.5, and a slow rise.
+  ulps = np.cumsum(rng.integers(-1, 2, 1000))
+  walk = (2.5 * (1.0 + 1e-7 * np.tanh(ulps / 10))).astype(np.float32)
+  rise = (2.5 * (1.0 + 1e-7 * np.arange(1000) / 1000)).astype(np.float32)
+  tx = clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=sigma_factor, window=64,
+                           min_history=8)
+  for plateau in (walk, rise):
+    assert len(np.unique(plateau)) > 1
+    assert not _scan_steps_of(tx, plateau).any()
+    assert not _scan_steps_of(tx, np.ones(1000, np.float32), plateau).any()
+
+
+def test_real_spikes_are_still_caught():
+  tx = clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=6.0, window=64, min_history=8)
+  noisy = np.exp(0.1 * np.random.default_rng(5).standard_normal(100)).astype(np.float32)
+  spiked = noisy.copy()
+  spiked[80] *= 10.0
+  assert list(np.flatnonzero(_scan_steps_of(tx, spiked))) == [80]
+  constant = np.full(100, 1.5, np.float32)
+  constant[60] = 3.0  # twice the constant value
+  assert list(np.flatnonzero(_scan_steps_of(tx, constant))) == [60]
+  assert list(np.flatnonzero(_scan_steps_of(tx, np.ones(100, np.float32), constant))) == [60]
+
+
+# Non-finite steps ----------------------------------------------------------------------------
+
+
+def test_non_finite_steps_never_enter_the_window_even_with_count_skipped():
+  tx = clipjax.skip_spikes(optax.sgd(1.0), window=4, min_history=2, count_skipped=True)
+  stats, state = _run(tx, [1.0, np.nan, 1.0, np.inf], [2.0, 2.0, np.nan, 2.0])
+  assert [bool(s.skipped) for s in stats] == [False, True, True, True]
+  assert int(state.filled) == 1 and int(state.skip_step) == 4
+
+
+@pytest.mark.parametrize(("norm", "loss", "message"), [
+    (np.nan, 2.0, "the global gradient norm is nan"),
+    (1.0, np.inf, "the loss is inf"),
+])
+def test_on_nonfinite_raise_names_the_step(norm, loss, message):
+  tx = clipjax.skip_spikes(optax.sgd(1.0), window=4, on_nonfinite="raise")
+  state = tx.init(jnp.zeros(2))
+  for _ in range(3):
+    _, state = tx.update(jnp.array([1.0, 0.0]), state, loss=2.0)
+  bad = jnp.array([norm, 0.0], jnp.float32)
+  pattern = f"skip_spikes: at step 3 .*{message}"
+  with pytest.raises(FloatingPointError, match=pattern):
+    tx.update(bad, state, loss=jnp.float32(loss))
+  with pytest.raises(jax.errors.JaxRuntimeError, match=pattern):
+    jax.block_until_ready(jax.jit(tx.update)(bad, state, loss=jnp.float32(loss)))
+  # A finite step passes, eagerly and under jit.
+  jax.block_until_ready(jax.jit(tx.update)(jnp.array([1.0, 0.0]), state, loss=jnp.float32(2.0)))
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+def test_a_finite_float64_norm_beyond_float32_is_compared_in_float64():
+  with jax.enable_x64(True):
+    tx = clipjax.skip_spikes(optax.sgd(1.0), window=4, min_history=2)
+    state = tx.init(jnp.zeros(2, jnp.float64))
+    grads = jnp.array([1e39, 0.0], jnp.float64)
+    updates, state = jax.jit(tx.update)(grads, state)
+    assert not bool(state.stats.skipped)  # no history yet: taken
+    assert float(state.stats.norm) == F32_MAX and np.isfinite(float(state.stats.norm))
+    np.testing.assert_array_equal(np.asarray(updates), [-1e39, 0.0])
+    # Against a window of ordinary norms it is a spike, not a non-finite step.
+    state = tx.init(jnp.zeros(2, jnp.float64))
+    for _ in range(2):
+      _, state = tx.update(jnp.array([1.0, 0.0], jnp.float64), state)
+    _, state = tx.update(grads, state)
+    assert bool(state.stats.skipped) and int(state.consecutive) == 1
