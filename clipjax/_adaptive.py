@@ -48,20 +48,22 @@ class AutoclipState(NamedTuple):
 def _percentile(buffer: jax.Array, filled: jax.Array, percentile: jax.Array) -> jax.Array:
   """The ``percentile``-th percentile (linear interpolation) of ``buffer[:filled]``.
 
-  ``inf`` when the buffer is empty. Same definition as ``numpy.percentile``'s
-  default (``method="linear"``).
+  The largest value of the buffer's dtype when the buffer is empty (no
+  threshold, and no inf for ``jax_debug_infs``). Same definition as
+  ``numpy.percentile``'s default (``method="linear"``).
   """
   size = buffer.shape[0]
+  largest = jnp.asarray(jnp.finfo(buffer.dtype).max, buffer.dtype)
   valid = jnp.arange(size, dtype=jnp.int32) < filled
-  ordered = jnp.sort(jnp.where(valid, buffer, jnp.inf))
+  ordered = jnp.sort(jnp.where(valid, buffer, largest))
   last = jnp.maximum(filled - 1, 0)
-  rank = percentile / 100.0 * last.astype(_F32)
+  rank = percentile.astype(buffer.dtype) / 100.0 * last.astype(buffer.dtype)
   low = jnp.clip(jnp.floor(rank).astype(jnp.int32), 0, last)
   high = jnp.minimum(low + 1, last)
-  fraction = rank - low.astype(_F32)
+  fraction = rank - low.astype(buffer.dtype)
   a, b = ordered[low], ordered[high]
   value = a + fraction * (b - a)
-  return jnp.where(filled > 0, value, jnp.inf)
+  return jnp.where(filled > 0, value, largest)
 
 
 @_docs.fill
@@ -82,7 +84,10 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   step whose norm is NaN or inf is not recorded: the updates pass through
   unscaled, the buffer, its write position and its fill count stay as they
   were. Zero updates stay zero and are not recorded either (recorded, many
-  of them would make the threshold 0).
+  of them would make the threshold 0). The percentile is taken in the norm's
+  dtype with the current norm as measured, so under x64 a finite norm beyond
+  float32's range is its own threshold on the first step. Until a norm is
+  recorded the ``threshold`` statistic reads float32's maximum (no threshold).
 
   Args:
     percentile: which percentile of the history is the threshold, in
@@ -127,7 +132,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
         history=jnp.zeros((size,), _F32),
         position=jnp.zeros((), jnp.int32),
         filled=jnp.zeros((), jnp.int32),
-        clip_stats={name: _base.initial_stats(jnp.inf)})
+        clip_stats={name: _base.initial_stats(jnp.finfo(_F32).max)})
 
   def update_fn(updates, state, params=None):
     del params
@@ -136,11 +141,14 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
     norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
     taken = _base.informative(norm)
     length = state.history.shape[0]
-    # The threshold reads the history with this step's norm in it (when it is taken).
+    # The threshold reads the history with this step's norm in it (when it is taken),
+    # in the norm's dtype: a float64 norm beyond float32's range is not clamped there.
     history = jnp.asarray(state.history)
-    buffer = _base.keep(taken, history.at[state.position].set(_base.f32(norm)), history)
+    wide = history.astype(norm.dtype)
     filled = _base.keep(taken, jnp.minimum(_base.next_count(state.filled), length), state.filled)
-    threshold = _percentile(buffer, filled, _base.f32(percentile))
+    threshold = _percentile(_base.keep(taken, wide.at[state.position].set(norm), wide), filled,
+                            _base.f32(percentile))
+    buffer = _base.keep(taken, history.at[state.position].set(_base.f32(norm)), history)
     scale, clipped, finite = _base.scale_rule(norm, threshold)
     stats = _base.make_stats(norm, threshold, scale, clipped, finite)
     new = AutoclipState(history=buffer, position=(state.position + 1) % length, filled=filled,
