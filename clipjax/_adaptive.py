@@ -165,8 +165,9 @@ class AdagcState(NamedTuple):
   """State of :func:`adagc`.
 
   ``gamma[i]`` is γ_i of tensor ``i``: the leaves in ``jax.tree.leaves``
-  order, a leaf with a layer axis one tensor per slice. It is inf until the
-  tensor's first nonzero gradient.
+  order, a leaf with a layer axis one tensor per slice. It is 0 until the
+  tensor's first nonzero gradient (no history: not clipped), as no zero norm
+  ever enters it.
   """
 
   gamma: jax.Array  # [n_tensors] float32, per-tensor reference norms γ_i
@@ -194,7 +195,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   A zero gradient carries no scale, so a tensor whose gradient is exactly
   zero leaves its γ_i unchanged (in the paper's rule a zero norm during
   warm-up would set γ_i = 0 and zero that tensor for the rest of training);
-  a tensor that has had no nonzero gradient yet (γ_i = inf) is not clipped,
+  a tensor that has had no nonzero gradient yet (γ_i = 0 in the state) is not clipped,
   and its first nonzero ``‖ĝ_i‖`` becomes γ_i. A step whose global norm is
   NaN, inf or zero passes through unscaled and changes neither γ nor the
   warm-up count. The statistics report the global norm as ``norm``; as
@@ -247,7 +248,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
 
   def init_fn(params):
     n = sum(_layout.layout(params, layer_axis).counts)
-    return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32),
+    return AdagcState(gamma=jnp.zeros((n,), _F32),
                       warmup_count=jnp.zeros((), jnp.int32),
                       clip_stats={name: _base.initial_stats(_base.f32(lambda_abs))})
 
@@ -255,9 +256,11 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     """The next γ: the smallest clipped norm in warm-up, then its EMA; zero norms skip."""
     b = _base.f32(beta)
     clipped_norms = _base.f32(clipped_norms)
-    moving = jnp.where(jnp.isfinite(gamma),
-                       _base.saturate(b * gamma + (1.0 - b) * clipped_norms), clipped_norms)
-    new = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
+    known = gamma > 0  # 0: no history yet, the first clipped norm becomes γ
+    moving = jnp.where(known, _base.saturate(b * gamma + (1.0 - b) * clipped_norms),
+                       clipped_norms)
+    new = jnp.where(warm, jnp.where(known, jnp.minimum(gamma, clipped_norms), clipped_norms),
+                    moving)
     return jnp.where(leaf_norms > 0, new, gamma)
 
   def update_fn(updates, state, params=None):
@@ -277,11 +280,15 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     warm = state.warmup_count < jnp.asarray(warmup_steps).astype(jnp.int32)
     lam_abs = _base.f32(lambda_abs)
     global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(acc))
-    relative = _base.f32(lambda_rel) * state.gamma  # inf for a tensor without history: not clipped
+    known = jnp.asarray(state.gamma) > 0  # a tensor without history is not clipped
+    relative = _base.f32(lambda_rel) * state.gamma
     leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative.astype(acc))
+    leaf_scales = jnp.where(known, leaf_scales, jnp.ones((), acc))
     scales = jnp.where(warm, global_scale, leaf_scales)
     scales = jnp.where(finite, scales, jnp.ones((), acc))
     bound = _norms.global_norm(relative.astype(acc))  # overflow-safe, like every norm
+    # Unbounded while some tensor has no history: float32's maximum, no threshold.
+    bound = jnp.where(jnp.all(known), bound, jnp.asarray(jnp.finfo(_F32).max, acc))
     threshold = jnp.where(warm, lam_abs.astype(acc), bound)
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)
