@@ -48,20 +48,22 @@ class AutoclipState(NamedTuple):
 def _percentile(buffer: jax.Array, filled: jax.Array, percentile: jax.Array) -> jax.Array:
   """The ``percentile``-th percentile (linear interpolation) of ``buffer[:filled]``.
 
-  ``inf`` when the buffer is empty. Same definition as ``numpy.percentile``'s
-  default (``method="linear"``).
+  The largest value of the buffer's dtype when the buffer is empty (no
+  threshold, and no inf for ``jax_debug_infs``). Same definition as
+  ``numpy.percentile``'s default (``method="linear"``).
   """
   size = buffer.shape[0]
+  largest = jnp.asarray(jnp.finfo(buffer.dtype).max, buffer.dtype)
   valid = jnp.arange(size, dtype=jnp.int32) < filled
-  ordered = jnp.sort(jnp.where(valid, buffer, jnp.inf))
+  ordered = jnp.sort(jnp.where(valid, buffer, largest))
   last = jnp.maximum(filled - 1, 0)
-  rank = percentile / 100.0 * last.astype(_F32)
+  rank = percentile.astype(buffer.dtype) / 100.0 * last.astype(buffer.dtype)
   low = jnp.clip(jnp.floor(rank).astype(jnp.int32), 0, last)
   high = jnp.minimum(low + 1, last)
-  fraction = rank - low.astype(_F32)
+  fraction = rank - low.astype(buffer.dtype)
   a, b = ordered[low], ordered[high]
   value = a + fraction * (b - a)
-  return jnp.where(filled > 0, value, jnp.inf)
+  return jnp.where(filled > 0, value, largest)
 
 
 @_docs.fill
@@ -82,7 +84,10 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
   step whose norm is NaN or inf is not recorded: the updates pass through
   unscaled, the buffer, its write position and its fill count stay as they
   were. Zero updates stay zero and are not recorded either (recorded, many
-  of them would make the threshold 0).
+  of them would make the threshold 0). The percentile is taken in the norm's
+  dtype with the current norm as measured, so under x64 a finite norm beyond
+  float32's range is its own threshold on the first step. Until a norm is
+  recorded the ``threshold`` statistic reads float32's maximum (no threshold).
 
   Args:
     percentile: which percentile of the history is the threshold, in
@@ -128,7 +133,7 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
         history=jnp.zeros((size,), _F32),
         position=jnp.zeros((), jnp.int32),
         filled=jnp.zeros((), jnp.int32),
-        clip_stats={name: _base.initial_stats(jnp.inf)})
+        clip_stats={name: _base.initial_stats(jnp.finfo(_F32).max)})
 
   def update_fn(updates, state, params=None):
     del params
@@ -137,11 +142,14 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
     norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
     taken = _base.informative(norm)
     length = state.history.shape[0]
-    # The threshold reads the history with this step's norm in it (when it is taken).
+    # The threshold reads the history with this step's norm in it (when it is taken),
+    # in the norm's dtype: a float64 norm beyond float32's range is not clamped there.
     history = jnp.asarray(state.history)
-    buffer = _base.keep(taken, history.at[state.position].set(_base.f32(norm)), history)
+    wide = history.astype(norm.dtype)
     filled = _base.keep(taken, jnp.minimum(_base.next_count(state.filled), length), state.filled)
-    threshold = _percentile(buffer, filled, _base.f32(percentile))
+    threshold = _percentile(_base.keep(taken, wide.at[state.position].set(norm), wide), filled,
+                            _base.f32(percentile))
+    buffer = _base.keep(taken, history.at[state.position].set(_base.f32(norm)), history)
     scale, clipped, finite = _base.scale_rule(norm, threshold)
     stats = _base.make_stats(norm, threshold, scale, clipped, finite)
     new = AutoclipState(history=buffer, position=(state.position + 1) % length, filled=filled,
@@ -158,8 +166,9 @@ class AdagcState(NamedTuple):
   """State of :func:`adagc`.
 
   ``gamma[i]`` is γ_i of tensor ``i``: the leaves in ``jax.tree.leaves``
-  order, a leaf with a layer axis one tensor per slice. It is inf until the
-  tensor's first nonzero gradient.
+  order, a leaf with a layer axis one tensor per slice. It is 0 until the
+  tensor's first nonzero gradient (no history: not clipped), as no zero norm
+  ever enters it.
   """
 
   gamma: jax.Array  # [n_tensors] float32, per-tensor reference norms γ_i
@@ -187,7 +196,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
   A zero gradient carries no scale, so a tensor whose gradient is exactly
   zero leaves its γ_i unchanged (in the paper's rule a zero norm during
   warm-up would set γ_i = 0 and zero that tensor for the rest of training);
-  a tensor that has had no nonzero gradient yet (γ_i = inf) is not clipped,
+  a tensor that has had no nonzero gradient yet (γ_i = 0 in the state) is not clipped,
   and its first nonzero ``‖ĝ_i‖`` becomes γ_i. A step whose global norm is
   NaN, inf or zero passes through unscaled and changes neither γ nor the
   warm-up count. The statistics report the global norm as ``norm``; as
@@ -241,7 +250,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
 
   def init_fn(params):
     n = sum(_layout.layout(params, layer_axis).counts)
-    return AdagcState(gamma=jnp.full((n,), jnp.inf, _F32),
+    return AdagcState(gamma=jnp.zeros((n,), _F32),
                       warmup_count=jnp.zeros((), jnp.int32),
                       clip_stats={name: _base.initial_stats(_base.f32(lambda_abs))})
 
@@ -249,9 +258,11 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     """The next γ: the smallest clipped norm in warm-up, then its EMA; zero norms skip."""
     b = _base.f32(beta)
     clipped_norms = _base.f32(clipped_norms)
-    moving = jnp.where(jnp.isfinite(gamma),
-                       _base.saturate(b * gamma + (1.0 - b) * clipped_norms), clipped_norms)
-    new = jnp.where(warm, jnp.minimum(gamma, clipped_norms), moving)
+    known = gamma > 0  # 0: no history yet, the first clipped norm becomes γ
+    moving = jnp.where(known, _base.saturate(b * gamma + (1.0 - b) * clipped_norms),
+                       clipped_norms)
+    new = jnp.where(warm, jnp.where(known, jnp.minimum(gamma, clipped_norms), clipped_norms),
+                    moving)
     return jnp.where(leaf_norms > 0, new, gamma)
 
   def update_fn(updates, state, params=None):
@@ -271,11 +282,15 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     warm = state.warmup_count < jnp.asarray(warmup_steps).astype(jnp.int32)
     lam_abs = _base.f32(lambda_abs)
     global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(acc))
-    relative = _base.f32(lambda_rel) * state.gamma  # inf for a tensor without history: not clipped
+    known = jnp.asarray(state.gamma) > 0  # a tensor without history is not clipped
+    relative = _base.f32(lambda_rel) * state.gamma
     leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative.astype(acc))
+    leaf_scales = jnp.where(known, leaf_scales, jnp.ones((), acc))
     scales = jnp.where(warm, global_scale, leaf_scales)
     scales = jnp.where(finite, scales, jnp.ones((), acc))
     bound = _norms.global_norm(relative.astype(acc))  # overflow-safe, like every norm
+    # Unbounded while some tensor has no history: float32's maximum, no threshold.
+    bound = jnp.where(jnp.all(known), bound, jnp.asarray(jnp.finfo(_F32).max, acc))
     threshold = jnp.where(warm, lam_abs.astype(acc), bound)
     stats = _base.make_stats(norms.total, threshold, jnp.min(scales, initial=1.0),
                              finite & jnp.any(scales != 1.0), finite)

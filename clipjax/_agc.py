@@ -179,8 +179,11 @@ def _decide(g_norm: jax.Array, w_norm: jax.Array, limit: jax.Array, eps: jax.Arr
   w_norm = jnp.maximum(w_norm, eps)
   scale, clipped, finite = _base.scale_rule(g_norm, limit * w_norm)
   positive = w_norm > 0
-  ratio = jnp.where(positive, g_norm / jnp.where(positive, w_norm, jnp.ones((), g_norm.dtype)),
-                    jnp.where(g_norm > 0, jnp.inf, 0.0).astype(g_norm.dtype))
+  # A zero weight (eps=0) gives inf for a nonzero gradient, else 0. The inf is g/0
+  # where it is chosen, not a constant, so healthy input makes none (jax_debug_infs).
+  zero, one = jnp.zeros((), g_norm.dtype), jnp.ones((), g_norm.dtype)
+  ratio = g_norm / jnp.where(positive, w_norm, jnp.where(g_norm > 0, zero, one))
+  ratio = jnp.where(positive | (g_norm > 0), ratio, zero)
   return _Units(scale, clipped, finite, ratio)
 
 

@@ -99,10 +99,14 @@ def resolve(value: Threshold | None, count: jax.Array) -> jax.Array | None:
 
 
 def initial_threshold(value: Threshold | None) -> jax.Array:
-  """The threshold at step 0, as float32, for a fresh state."""
+  """The threshold at step 0, as float32, for a fresh state; float32's maximum for none.
+
+  "No threshold" is the largest finite value, not inf, so that a state holds no
+  inf for ``jax_debug_infs`` to flag.
+  """
   threshold = resolve(value, jnp.zeros((), jnp.int32))
   if threshold is None:
-    return jnp.full((), jnp.inf, jnp.float32)
+    return jnp.full((), _F32_MAX, jnp.float32)
   return threshold.astype(jnp.float32)
 
 

@@ -5,6 +5,7 @@ every numeric argument; a schedule is a callable of the step count). The
 update-dtype check runs in each transform's ``update``.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -129,3 +130,19 @@ def check_updates(updates: Any, name: str) -> None:
       raise TypeError(
           f"{name}: updates{jax.tree_util.keystr(path)} has dtype {dtype}, but clipping"
           " needs floating-point updates (cast them, e.g. with .astype(jnp.float32))")
+
+
+def raise_on_host(check: Callable[..., None], *values: Any) -> None:
+  """Runs ``check(*values)``, which raises on bad values: now, or where the computation runs.
+
+  Concrete values are checked at once, so the caller sees ``check``'s own
+  exception. Traced ones (under ``jit``, ``scan``, ``shard_map``) are checked
+  by a ``jax.debug.callback`` on the host when the computation runs; its
+  exception reaches the caller as a ``jax.errors.JaxRuntimeError`` (a
+  ``RuntimeError``) with the same message, raised by the transformed call.
+  A ``None`` among ``values`` is passed through as ``None``.
+  """
+  if any(isinstance(v, jax.core.Tracer) for v in values):
+    jax.debug.callback(check, *values)
+  else:
+    check(*values)

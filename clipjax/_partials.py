@@ -65,19 +65,21 @@ def _nan_max(x: jax.Array) -> jax.Array:
 
   XLA's max all-reduce on CPU drops NaN operands, also where the partitioner
   inserts it (a sharded leaf under plain ``jit``). One variadic reduction
-  takes the max of the other elements and, beside it, whether some element is
-  NaN, so that no NaN is left to drop (the partitioner gathers the per-device
-  pairs of a sharded leaf). A float max alone would drop the NaN; a max over
-  the bit patterns as integers is exact, but XLA CPU writes them out at leaf
-  size and reduces them about ten times slower; XLA CPU's reductions of one
-  operand read selects at leaf size too.
+  takes the max of the other elements and, beside it, the sum of the NaN
+  elements (0 when there is none, NaN otherwise), so that no NaN is left to
+  drop (the partitioner gathers the per-device pairs of a sharded leaf); their
+  sum is the result. The NaN comes from the input, never from a constant, so
+  healthy input runs under ``jax_debug_nans``. A float max alone would drop
+  the NaN; a max over the bit patterns as integers is exact, but XLA CPU
+  writes them out at leaf size and reduces them about ten times slower; XLA
+  CPU's reductions of one operand read selects at leaf size too.
   """
   nan = jnp.isnan(x)
   zero = jnp.zeros((), x.dtype)
-  top, any_nan = lax.reduce(
-      (jnp.where(nan, zero, x), nan.astype(x.dtype)), (zero, zero),
-      lambda a, b: (lax.max(a[0], b[0]), lax.max(a[1], b[1])), tuple(range(x.ndim)))
-  return jnp.where(any_nan > 0, jnp.full((), jnp.nan, x.dtype), top)
+  top, nans = lax.reduce(
+      (jnp.where(nan, zero, x), jnp.where(nan, x, zero)), (zero, zero),
+      lambda a, b: (lax.max(a[0], b[0]), a[1] + b[1]), tuple(range(x.ndim)))
+  return top + nans
 
 
 @_nan_max.defjvp
@@ -154,8 +156,12 @@ def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
   def times(x, factor):
     return _times(x, factor, power)
 
+  # :func:`root` reads a grown sum only where the plain one is below this; capped
+  # there, the others cannot overflow to an inf that jax_debug_infs would flag.
+  cap = jnp.asarray(_tiny_partial(acc, power), acc)
+
   def derived(_):
-    return [times(p, shrink) for p in plain], [times(p, grow) for p in plain]
+    return [times(p, shrink) for p in plain], [times(jnp.minimum(p, cap), grow) for p in plain]
 
   if not (overflow or underflow):
     return derived(None)

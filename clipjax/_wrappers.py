@@ -204,10 +204,7 @@ def _shown(norm_type: Any) -> str:
 
 def _check_finite(total_norm: jax.Array, norm_type: str) -> None:
   """Raises now for a concrete norm; under a transformation, when the computation runs."""
-  if isinstance(total_norm, jax.core.Tracer):
-    jax.debug.callback(functools.partial(_raise_if_nonfinite, norm_type=norm_type), total_norm)
-  else:
-    _raise_if_nonfinite(total_norm, norm_type=norm_type)
+  _checks.raise_on_host(functools.partial(_raise_if_nonfinite, norm_type=norm_type), total_norm)
 
 
 def _raise_if_nonfinite(total_norm: Any, *, norm_type: str) -> None:

@@ -77,8 +77,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
   ``σ²`` nor the warm-up count (an all-zero warm-up would leave μ = σ = 0 and
   clip every later update to 0). The statistics report as ``threshold`` the
   norm the update was clipped to, or, when it was not, the norm above which
-  it would have been (capped by ``max_norm``; ``max_norm`` or inf during
-  warm-up).
+  it would have been (capped by ``max_norm``; ``max_norm`` or float32's
+  maximum, no threshold, during warm-up).
 
   The options and rules are those of the authors' reference code
   (``ZClip(alpha, z_thresh, max_grad_norm, eps, warmup_steps, mode,
@@ -157,7 +157,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
       factor = _base.f32(clip_factor).astype(x.dtype)
       target = mean if clip_option == "mean" else (
           factor * (mean + zt * zt / jnp.where(spike, z, 1.0) * std))
-    return spike, target, jnp.where(warm, jnp.inf, jnp.where(spike, target, bound))
+    # No threshold in warm-up: the largest finite value, not an inf for jax_debug_infs.
+    none = jnp.asarray(jnp.finfo(x.dtype).max, x.dtype)
+    return spike, target, jnp.where(warm, none, jnp.where(spike, target, bound))
 
   def moments(x, g_hat, mean, var, count, warm):
     """The next ``(μ, σ²)``: Welford's running values in warm-up, then EMAs of ``ĝ``."""
@@ -179,7 +181,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     mean, var = jnp.asarray(state.mean).astype(x.dtype), jnp.asarray(state.var).astype(x.dtype)
     warm = count < jnp.maximum(jnp.asarray(warmup_steps).astype(jnp.int32), 1)
     spike, target, boundary = thresholds(x, mean, var, warm)
-    adaptive = jnp.where(spike, target, jnp.inf)
+    adaptive = jnp.where(spike, target, jnp.finfo(x.dtype).max)
     high = adaptive
     cap = _base.resolve(max_norm, count)
     if cap is not None:

@@ -132,7 +132,8 @@ def autoclip_reference(norms, percentile, history):
   for n in norms:
     if _taken(n):
       kept = (kept + [n])[-history:]
-    thresholds.append(np.percentile(kept, percentile) if kept else np.inf)
+    # No norm recorded yet: the statistic reads float32's maximum (no threshold).
+    thresholds.append(np.percentile(kept, percentile) if kept else np.finfo(np.float32).max)
     scales.append(_factor(n, thresholds[-1]))
   return np.array(thresholds), np.array(scales)
 
@@ -141,7 +142,8 @@ def zclip_reference(norms, alpha, z_thresh, warmup_steps, max_norm=None, mode="z
                     clip_option="adaptive_scaling", clip_factor=1.0,
                     skip_update_on_spike=False, eps=1e-6):
   """The authors' ZClip.step, transcribed, with the cap applied as ``max_norm``."""
-  cap = np.inf if max_norm is None else max_norm
+  # No cap: the threshold statistic reads float32's maximum in warm-up.
+  cap = np.finfo(np.float32).max if max_norm is None else max_norm
   buffer, mean, var = [], None, None
   thresholds, scales, means = [], [], []
   for n in norms:
@@ -258,6 +260,9 @@ def test_adagc_matches_reference():
   grads, outs, states = _drive(clipjax.adagc(**args), leaf_norms)
   per_leaf, _ = _measured(grads)
   thresholds, scales, gammas = adagc_reference(per_leaf, **args)
+  # The state writes "no history" as γ = 0 and "no threshold" as float32's maximum.
+  thresholds = np.where(np.isinf(thresholds), np.finfo(np.float32).max, thresholds)
+  gammas = np.where(np.isinf(gammas), 0.0, gammas)
   np.testing.assert_allclose(states.stats.threshold, thresholds, rtol=RTOL)
   np.testing.assert_allclose(states.gamma, gammas, rtol=RTOL)
   _check_outputs(grads, outs, scales)

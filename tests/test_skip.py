@@ -75,21 +75,28 @@ def _inner() -> optax.GradientTransformation:
 # The float64 NumPy transcription of the rule -------------------------------------------
 
 
+F32_MAX = float(np.finfo(np.float32).max)  # the threshold statistic while none applies
+
+
 def _np_limit(values: list[float], min_history: int, sigma: float) -> float:
-  """mean + sigma · sample std (0 for one value); inf below ``min_history`` values."""
+  """mean + sigma · max(sample std, 1e-6·|mean|), at least max(values) when the std is below
+  that floor; inf below ``min_history`` values."""
   if len(values) < min_history:
     return float("inf")
   x = np.asarray(values, np.float64)
   std = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
-  return float(np.mean(x)) + sigma * std
+  mean = float(np.mean(x))
+  floor = 1e-6 * abs(mean)
+  limit = mean + sigma * max(std, floor)
+  return max(limit, float(x.max())) if std < floor else limit
 
 
 def reference(norms, losses, *, sigma=SIGMA, window=WINDOW, min_history=MIN_HISTORY,
-              max_norm=None, max_consecutive=None):
+              max_norm=None, max_consecutive=None, count_skipped=False):
   """Per step: skipped, threshold, forced (taken only by the escape), closest margin.
 
   ``losses`` is ``None`` when no loss is given. The windows are the last
-  ``window`` taken steps.
+  ``window`` taken steps (finite steps with ``count_skipped``).
   """
   taken_norms, taken_losses, consecutive = [], [], 0
   rows = []
@@ -110,10 +117,11 @@ def reference(norms, losses, *, sigma=SIGMA, window=WINDOW, min_history=MIN_HIST
           margin = min(margin, abs(x - limit) / abs(limit))
     if not skipped:
       consecutive = 0
-      taken_norms.append(norm)
-      taken_losses.append(loss)
     elif finite:
       consecutive += 1
+    if finite and (count_skipped or not skipped):
+      taken_norms.append(norm)
+      taken_losses.append(loss)
     rows.append((skipped, threshold, finite and spike and escape, margin))
   skipped, threshold, forced, margin = map(np.asarray, zip(*rows))
   return skipped, threshold, forced, margin
@@ -123,10 +131,11 @@ def reference(norms, losses, *, sigma=SIGMA, window=WINDOW, min_history=MIN_HIST
 
 
 @functools.cache
-def _scan(with_loss: bool, max_norm: float | None, max_consecutive: int | None):
+def _scan(with_loss: bool, max_norm: float | None, max_consecutive: int | None,
+          count_skipped: bool):
   tx = clipjax.skip_spikes(_inner(), sigma_factor=SIGMA, window=WINDOW,
                            min_history=MIN_HISTORY, max_norm=max_norm,
-                           max_consecutive=max_consecutive)
+                           max_consecutive=max_consecutive, count_skipped=count_skipped)
 
   @jax.jit
   def run(scales, losses):
@@ -166,20 +175,27 @@ def _assert_equal_bits(a, b, what):
     assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), what
 
 
-def _check_stream(with_loss, max_norm, max_consecutive):
+def _window(state):
+  return state.norms, state.losses, state.has_loss, state.position, state.filled
+
+
+def _check_stream(with_loss, max_norm, max_consecutive, count_skipped=False):
   """Runs the stream and checks every step against the reference; returns its decisions."""
   init, (updates, states) = jax.device_get(
-      _scan(with_loss, max_norm, max_consecutive)(SCALES, LOSSES))
+      _scan(with_loss, max_norm, max_consecutive, count_skipped)(SCALES, LOSSES))
   norms = [_np_norm(s) for s in SCALES]
   skipped, threshold, forced, margin = reference(
-      norms, LOSSES if with_loss else None, max_norm=max_norm, max_consecutive=max_consecutive)
+      norms, LOSSES if with_loss else None, max_norm=max_norm, max_consecutive=max_consecutive,
+      count_skipped=count_skipped)
+  finite = np.isfinite(norms) & (np.isfinite(LOSSES) if with_loss else True)
   assert margin.min() > MARGIN, f"the stream has a near-tie at step {margin.argmin()}"
   stats = states.stats
   np.testing.assert_array_equal(np.asarray(stats.skipped), skipped)
   np.testing.assert_array_equal(np.asarray(stats.skips), np.cumsum(skipped))
   np.testing.assert_allclose(np.asarray(stats.norm), norms, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(stats.threshold), threshold, rtol=1e-5)
-  expected_loss = LOSSES if with_loss else np.full(STEPS, np.nan, np.float32)
+  np.testing.assert_allclose(np.asarray(stats.threshold),
+                             np.where(np.isinf(threshold), F32_MAX, threshold), rtol=1e-5)
+  expected_loss = LOSSES if with_loss else np.zeros(STEPS, np.float32)
   np.testing.assert_array_equal(np.asarray(stats.loss), expected_loss)
   expected = _inner_on_taken_steps(~skipped)
   before = init
@@ -189,7 +205,11 @@ def _check_stream(with_loss, max_norm, max_consecutive):
     if skipped[t]:
       _assert_equal_bits(got, want, f"step {t}: zeros")
       _assert_equal_bits(after.inner, before.inner, f"step {t}: inner state")
-      _assert_equal_bits(after[1:5], before[1:5], f"step {t}: window")
+      if not (count_skipped and finite[t]):
+        _assert_equal_bits(_window(after), _window(before), f"step {t}: window")
+      else:  # the skipped step entered the window
+        assert int(after.filled) == min(int(before.filled) + 1, WINDOW), t
+        assert after.norms[int(before.position)] == after.stats.norm, t
     else:
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
@@ -221,6 +241,15 @@ def test_max_norm_without_max_consecutive_skips_every_step_above_it():
   assert skipped[[60, 61, 130, 200]].all()
 
 
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "norm_only"])
+def test_count_skipped_lets_skipped_spikes_into_the_window(with_loss):
+  skipped, _ = _check_stream(with_loss, None, None, count_skipped=True)
+  # The window takes in the shifted norms, so the new scale becomes the baseline
+  # without max_consecutive (without count_skipped every later step would be skipped).
+  assert skipped[SHIFT] and not skipped[-50:].any()
+  assert skipped[[90, 170]].all()  # non-finite: skipped, and kept out of the window
+
+
 # Smaller cases ---------------------------------------------------------------------------
 
 
@@ -244,7 +273,7 @@ def test_loss_spike_is_skipped_only_when_value_is_passed():
   without, _ = _run(tx, norms)
   assert [bool(s.skipped) for s in with_loss] == [False] * 5 + [True]
   assert not any(bool(s.skipped) for s in without)
-  assert np.isnan(without[-1].loss) and float(with_loss[-1].loss) == 30.0
+  assert float(without[-1].loss) == 0.0 and float(with_loss[-1].loss) == 30.0
 
 
 def test_max_norm_applies_before_min_history():
@@ -255,10 +284,11 @@ def test_max_norm_applies_before_min_history():
   assert int(state.filled) == 2 and int(state.skips) == 2
 
 
-def test_threshold_is_inf_before_min_history():
+def test_threshold_reads_float32_max_before_min_history():
   tx = clipjax.skip_spikes(optax.sgd(1.0), window=8)  # min_history = 4
   stats, _ = _run(tx, [1.0, 1.0, 1.0, 1.0, 1.0])
-  assert [float(s.threshold) for s in stats] == [np.inf] * 4 + [1.0]
+  # A constant window's limit is its value plus the relative floor on the spread.
+  assert [float(s.threshold) for s in stats] == [F32_MAX] * 4 + [np.float32(1.0 + 6e-6)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -369,9 +399,17 @@ def test_clipper_inside_inner_reports_both_statistics():
   assert {"skip_spikes/norm", "skip_spikes/loss", "skip_spikes/threshold",
           "skip_spikes/skipped", "skip_spikes/skips", "zclip/norm", "zclip/clipped"} <= set(shown)
   assert bool(shown["skip_spikes/skipped"]) and float(shown["skip_spikes/norm"]) == 40.0
-  # The spike was skipped, so zclip reports its last taken step.
-  assert float(shown["zclip/norm"]) == pytest.approx(0.9)
+  # zclip reports what it measured on the skipped step...
+  assert float(shown["zclip/norm"]) == 40.0
   assert [bool(s.skipped) for s in stats] == [False, False, False, True]
+  # ...while every other field of the inner state is the last taken step's, bit for bit.
+  _, before = _run(tx, [1.0, 1.2, 0.9])
+  zclip_now, zclip_before = state.inner[0], before.inner[0]
+  for field in zclip_now._fields:
+    if field != "clip_stats":
+      _assert_equal_bits(getattr(zclip_now, field), getattr(zclip_before, field), field)
+  _assert_equal_bits(state.inner[1], before.inner[1], "sgd state")
+  assert float(clipjax.clip_stats(before)["zclip/norm"]) == pytest.approx(0.9)
 
 
 @pytest.mark.loose_promotion  # reduce_on_plateau divides a float32 sum by an int32 count
@@ -387,7 +425,7 @@ def test_extra_args_reach_an_inner_transformation_that_takes_them():
 
 def test_state_none_is_rejected():
   tx = clipjax.skip_spikes(optax.sgd(1.0))
-  with pytest.raises(ValueError, match="thread it through"):
+  with pytest.raises(ValueError, match="needs the SkipSpikesState.*thread it through"):
     tx.update(jnp.ones(2), None)
 
 
@@ -488,6 +526,8 @@ def test_shard_map_gives_the_unsharded_decisions_with_one_all_reduce():
     ({"max_norm": optax.constant_schedule(1.0)}, r"^max_norm=.* must be a number"),
     ({"max_consecutive": 0}, r"^max_consecutive=0 must be >= 1$"),
     ({"max_consecutive": True}, r"^max_consecutive=True must be an int$"),
+    ({"count_skipped": 1}, r"^count_skipped=1 must be a bool$"),
+    ({"on_nonfinite": "warn"}, r"^on_nonfinite='warn' must be one of 'skip', 'raise'$"),
 ])
 def test_bad_arguments_raise_naming_the_argument(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -510,3 +550,148 @@ def test_traced_arguments_pass_unchecked():
 
   # Values that would be rejected if they were concrete: only checked in Python.
   assert not bool(jax.jit(build)(-1.0, 5.0, 9, 0))
+
+
+# The loss argument ---------------------------------------------------------------------------
+
+
+def _recording_inner(seen: list):
+  """An inner transformation that records the extra arguments it receives."""
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    seen.append(sorted(extra_args))
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def test_loss_keyword_decides_like_value_and_reaches_inner():
+  norms = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]
+  losses = [3.0, 3.1, 2.9, 3.05, 2.95, 30.0]
+  seen = []
+  tx = clipjax.skip_spikes(_recording_inner(seen), sigma_factor=3.0, window=8, min_history=4)
+  state = tx.init(jnp.zeros(2))
+  by_loss = []
+  for norm, loss in zip(norms, losses, strict=True):
+    _, state = tx.update(jnp.array([norm, 0.0]), state, loss=jnp.float32(loss), other=1)
+    by_loss.append(jax.device_get(state.stats))
+  by_value, _ = _run(clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=3.0, window=8,
+                                         min_history=4), norms, losses)
+  assert [bool(s.skipped) for s in by_loss] == [False] * 5 + [True]
+  for a, b in zip(by_loss, by_value, strict=True):
+    _assert_equal_bits(a, b, "statistics")
+  assert seen == [["loss", "other"]] * len(norms)  # every extra argument, unchanged
+
+
+def test_loss_and_value_together_are_rejected():
+  tx = clipjax.skip_spikes(optax.sgd(1.0))
+  with pytest.raises(ValueError, match="loss= or as value=, not both"):
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)), loss=1.0, value=1.0)
+  with pytest.raises(ValueError, match=r"loss= must be a scalar loss"):
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)), loss=jnp.ones(2))
+
+
+# Constant and nearly constant inputs ---------------------------------------------------------
+
+
+def _scan_steps_of(tx, norms, losses=None):
+  """``skipped`` of every step, run in one jitted scan over ``norm · e_0``."""
+  @jax.jit
+  def run(norms, losses):
+    def step(state, x):
+      extra = {} if losses is None else {"loss": x[1]}
+      _, state = tx.update(jnp.stack([x[0], jnp.zeros_like(x[0])]), state, **extra)
+      return state, state.stats.skipped
+
+    xs = (norms, norms if losses is None else losses)
+    return lax.scan(step, tx.init(jnp.zeros(2)), xs)[1]
+
+  return np.asarray(run(jnp.asarray(norms, jnp.float32),
+                        None if losses is None else jnp.asarray(losses, jnp.float32)))
+
+
+@pytest.mark.parametrize("value", [0.3701, 1.0, 7.77, 123456.7, 3e-30])
+def test_a_thousand_identical_steps_are_never_skipped(value):
+  tx = clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=6.0, window=128, min_history=8)
+  steps = np.full(1000, value, np.float32)
+  assert not _scan_steps_of(tx, steps).any()  # constant norm
+  ordinary = np.exp(0.05 * np.random.default_rng(0).standard_normal(1000)).astype(np.float32)
+  assert not _scan_steps_of(tx, ordinary, steps).any()  # constant loss, ordinary norms
+
+
+@pytest.mark.parametrize("sigma_factor", [6.0, 1.0])
+def test_a_slowly_drifting_plateau_is_never_skipped(sigma_factor):
+  rng = np.random.default_rng(4)
+  # Within 1e-7 relative (an ulp or two): a random walk around 2.5, and a slow rise.
+  ulps = np.cumsum(rng.integers(-1, 2, 1000))
+  walk = (2.5 * (1.0 + 1e-7 * np.tanh(ulps / 10))).astype(np.float32)
+  rise = (2.5 * (1.0 + 1e-7 * np.arange(1000) / 1000)).astype(np.float32)
+  tx = clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=sigma_factor, window=64,
+                           min_history=8)
+  for plateau in (walk, rise):
+    assert len(np.unique(plateau)) > 1
+    assert not _scan_steps_of(tx, plateau).any()
+    assert not _scan_steps_of(tx, np.ones(1000, np.float32), plateau).any()
+
+
+def test_real_spikes_are_still_caught():
+  tx = clipjax.skip_spikes(optax.sgd(1.0), sigma_factor=6.0, window=64, min_history=8)
+  noisy = np.exp(0.1 * np.random.default_rng(5).standard_normal(100)).astype(np.float32)
+  spiked = noisy.copy()
+  spiked[80] *= 10.0
+  assert list(np.flatnonzero(_scan_steps_of(tx, spiked))) == [80]
+  constant = np.full(100, 1.5, np.float32)
+  constant[60] = 3.0  # twice the constant value
+  assert list(np.flatnonzero(_scan_steps_of(tx, constant))) == [60]
+  assert list(np.flatnonzero(_scan_steps_of(tx, np.ones(100, np.float32), constant))) == [60]
+
+
+# Non-finite steps ----------------------------------------------------------------------------
+
+
+def test_non_finite_steps_never_enter_the_window_even_with_count_skipped():
+  tx = clipjax.skip_spikes(optax.sgd(1.0), window=4, min_history=2, count_skipped=True)
+  stats, state = _run(tx, [1.0, np.nan, 1.0, np.inf], [2.0, 2.0, np.nan, 2.0])
+  assert [bool(s.skipped) for s in stats] == [False, True, True, True]
+  assert int(state.filled) == 1 and int(state.skip_step) == 4
+
+
+@pytest.mark.parametrize(("norm", "loss", "message"), [
+    (np.nan, 2.0, "the global gradient norm is nan"),
+    (1.0, np.inf, "the loss is inf"),
+])
+def test_on_nonfinite_raise_names_the_step(norm, loss, message):
+  tx = clipjax.skip_spikes(optax.sgd(1.0), window=4, on_nonfinite="raise")
+  state = tx.init(jnp.zeros(2))
+  for _ in range(3):
+    _, state = tx.update(jnp.array([1.0, 0.0]), state, loss=2.0)
+  bad = jnp.array([norm, 0.0], jnp.float32)
+  pattern = f"skip_spikes: at step 3 .*{message}"
+  with pytest.raises(FloatingPointError, match=pattern):
+    tx.update(bad, state, loss=jnp.float32(loss))
+  with pytest.raises(jax.errors.JaxRuntimeError, match=pattern):
+    jax.block_until_ready(jax.jit(tx.update)(bad, state, loss=jnp.float32(loss)))
+  # A finite step passes, eagerly and under jit.
+  jax.block_until_ready(jax.jit(tx.update)(jnp.array([1.0, 0.0]), state, loss=jnp.float32(2.0)))
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+def test_a_finite_float64_norm_beyond_float32_is_compared_in_float64():
+  with jax.enable_x64(True):
+    tx = clipjax.skip_spikes(optax.sgd(1.0), window=4, min_history=2)
+    state = tx.init(jnp.zeros(2, jnp.float64))
+    grads = jnp.array([1e39, 0.0], jnp.float64)
+    updates, state = jax.jit(tx.update)(grads, state)
+    assert not bool(state.stats.skipped)  # no history yet: taken
+    assert float(state.stats.norm) == F32_MAX and np.isfinite(float(state.stats.norm))
+    np.testing.assert_array_equal(np.asarray(updates), [-1e39, 0.0])
+    # Against a window of ordinary norms it is a spike, not a non-finite step.
+    state = tx.init(jnp.zeros(2, jnp.float64))
+    for _ in range(2):
+      _, state = tx.update(jnp.array([1.0, 0.0], jnp.float64), state)
+    _, state = tx.update(grads, state)
+    assert bool(state.stats.skipped) and int(state.consecutive) == 1
