@@ -44,7 +44,7 @@ def _only_stats(state: Any) -> Any:
 # Every state class sets ``stats = _base.STATS``: its one entry of ``clip_stats``.
 # The statistics live in a dict keyed by the transform's name, because dict keys
 # survive every serialization (pickle, msgpack, orbax, nnx.state) and a class does not.
-STATS = property(_only_stats, doc="The last step's statistics: the one value of ``clip_stats``.")
+STATS = property(_only_stats, doc="The last step's statistics, the one value of ``clip_stats``.")
 
 class ClipStats(NamedTuple):
   """What a clipper did on its last step, kept in its state for logging.
