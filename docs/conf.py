@@ -1,14 +1,14 @@
 """Sphinx configuration of the clipjax documentation.
 
 Build with ``make docs`` (warnings are errors, every cross-reference must
-resolve). The build needs no network: names from other projects (jax, optax,
-NumPy) are written as plain text, and intersphinx links to their pages are
-added only when ``CLIPJAX_DOCS_INTERSPHINX=1`` says the inventories can be
-fetched.
+resolve). The build needs no network: the types of other projects that the
+signatures name (``jax.Array``, ``optax.GradientTransformation``, ...) link to
+their pages through the table ``EXTERNAL_PAGES`` below rather than through
+intersphinx, whose inventories would have to be downloaded; other names from
+those projects are plain text.
 """
 
 import inspect
-import os
 import re
 import pathlib
 import sys
@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import clipjax  # noqa: E402
+import docutils.nodes  # noqa: E402
 
 project = "clipjax"
 author = "The clipjax authors"
@@ -30,6 +31,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",  # a [source] link beside every documented name
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
@@ -60,8 +62,8 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# Names from other projects are plain text offline; a name of clipjax's own
-# that does not resolve is still an error.
+# Names from other projects without an entry in EXTERNAL_PAGES are plain text;
+# a name of clipjax's own that does not resolve is still an error.
 _EXTERNAL = r"(jax|jaxlib|optax|numpy|np|flax|orbax|collections\.abc)(\..*)?"
 nitpick_ignore_regex = [
     (r"py:.*", _EXTERNAL),
@@ -70,14 +72,24 @@ nitpick_ignore_regex = [
                r"|Schedule|Hashable|Callable|Sequence|ndarray)"),
 ]
 
-if os.environ.get("CLIPJAX_DOCS_INTERSPHINX") == "1":
-  extensions.append("sphinx.ext.intersphinx")
-  intersphinx_mapping = {
-      "python": ("https://docs.python.org/3", None),
-      "numpy": ("https://numpy.org/doc/stable", None),
-      "jax": ("https://docs.jax.dev/en/latest", None),
-      "optax": ("https://optax.readthedocs.io/en/latest", None),
-  }
+# The pages of the other projects' types that clipjax's signatures and fields
+# name, as intersphinx would link them.
+_JAX = "https://docs.jax.dev/en/latest/_autosummary/"
+_OPTAX = "https://optax.readthedocs.io/en/latest/api/"
+_PYTHON = "https://docs.python.org/3/library/collections.abc.html#"
+EXTERNAL_PAGES = {
+    "jax.Array": _JAX + "jax.Array.html",
+    "jax.typing.ArrayLike": _JAX + "jax.typing.ArrayLike.html",
+    "optax.GradientTransformation": _OPTAX + "transformations.html#optax.GradientTransformation",
+    "optax.GradientTransformationExtraArgs":
+        _OPTAX + "transformations.html#optax.GradientTransformationExtraArgs",
+    "optax.Schedule": _OPTAX + "optimizer_schedules.html#optax.schedules.Schedule",
+    "collections.abc.Callable": _PYTHON + "collections.abc.Callable",
+    "collections.abc.Hashable": _PYTHON + "collections.abc.Hashable",
+    "collections.abc.Sequence": _PYTHON + "collections.abc.Sequence",
+}
+# Where autodoc writes the class a value has at run time instead of its public name.
+_EXTERNAL_ALIASES = {"jax.jaxlib._jax.Array": "jax.Array", "jaxlib._jax.Array": "jax.Array"}
 
 html_theme = "furo"
 html_title = f"clipjax {release}"
@@ -135,6 +147,22 @@ def _field_docs(app, what, name, obj, options, lines):
   lines[:] = [f"``{shape[1]}`` {shape[2]}" if shape else comment]
 
 
+def _external_link(app, env, node, contnode):
+  """Links a Python name of another project to its page in ``EXTERNAL_PAGES``, or leaves it."""
+  del app, env
+  if node.get("refdomain") != "py":
+    return None
+  target = node.get("reftarget", "")
+  target = _EXTERNAL_ALIASES.get(target, target)
+  url = EXTERNAL_PAGES.get(target)
+  if url is None:
+    return None
+  link = docutils.nodes.reference("", "", internal=False, refuri=url, reftitle=target)
+  link.append(contnode)
+  return link
+
+
 def setup(app):
+  app.connect("missing-reference", _external_link)
   app.connect("autodoc-process-signature", _alias_names)
   app.connect("autodoc-process-docstring", _field_docs)

@@ -70,7 +70,7 @@ def loss_fn(model: CNN, x: jax.Array, y: jax.Array) -> jax.Array:
 def train_step(model: CNN, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
   optimizer.update(model, grads)
-  # The optimizer keeps its state as nnx Variables; nnx.as_pure gives the arrays.
+  # optimizer.opt_state holds nnx Variables; clip_stats reads the arrays through them.
   return loss, clipjax.clip_stats(optimizer.opt_state)
 
 

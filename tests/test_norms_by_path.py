@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import clipjax
+from _trees import ORDS
+from _trees import np_norm
 
-ORDS = [1, 2, np.inf]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 
@@ -35,14 +36,6 @@ def nested_tree(seed, dtype=jnp.float32):
 
 EXPECTED_PATHS = ["encoder/layers/0/kernel", "encoder/layers/0/bias", "encoder/layers/1/kernel",
                   "encoder/layers/1/bias", "head", "scale"]
-
-
-def np_norm(x, ord):
-  """float64 reference over the values the array holds."""
-  flat = np.abs(np.asarray(x, np.float64).ravel())
-  if ord == np.inf:
-    return float(np.max(flat, initial=0.0))
-  return float(np.sum(flat**ord) ** (1.0 / ord))
 
 
 def test_path_name_joins_keys_indices_and_attributes():
