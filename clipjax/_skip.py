@@ -346,12 +346,13 @@ def skip_spikes(inner: optax.GradientTransformation, *, sigma_factor: float = 6.
           f"skip_spikes: window={window!r} is traced at init, but it sets the buffers'"
           " length; pass it as a static argument"
           " (optax.inject_hyperparams(clipjax.skip_spikes, static_args='window')).")
-    zero = jnp.zeros((), jnp.int32)
+    # One array per field: a donated state must not hold one buffer twice.
+    counters = {field: jnp.zeros((), jnp.int32)
+                for field in ("position", "filled", "consecutive", "skips", "skip_step")}
     return SkipSpikesState(
         inner=inner.init(params), norms=jnp.zeros((size,), _F32),
         losses=jnp.zeros((size,), _F32), has_loss=jnp.zeros((size,), jnp.bool_),
-        position=zero, filled=zero, consecutive=zero, skips=zero, skip_step=zero,
-        clip_stats={name: _initial_stats()})
+        **counters, clip_stats={name: _initial_stats()})
 
   def decide(state, norm, loss):
     """``(skipped, finite, consecutive, threshold)`` of this step: the rule of the docstring."""

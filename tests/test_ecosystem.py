@@ -104,6 +104,8 @@ def test_a_state_never_aliases_a_users_array(entry):
   value = jnp.asarray(float(entry.kwargs.get(name, 1.0)), jnp.float32)
   tx = entry.build(**{name: value}) if name in entry.kwargs else entry.build()
   state = tx.init(GRADS)
+  buffers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)]
+  assert len(set(buffers)) == len(buffers), "a donated state must not hold one buffer twice"
   step = jax.jit(tx.update, donate_argnums=(1,))
   _, state = step(GRADS, state, GRADS)
   _, state = step(GRADS, state, GRADS)
