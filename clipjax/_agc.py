@@ -287,7 +287,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   def init_fn(params):
     del params
     stats = _base.initial_stats(_base.initial_threshold(clipping))
-    return AdaptiveGradClipState(jnp.zeros((), jnp.int32), {name: stats})
+    return _base.first_state(AdaptiveGradClipState, name, stats)
 
   def update_fn(updates, state, params=None):
     state = _base.state_for(updates, state, AdaptiveGradClipState, lambda: init_fn(None),

@@ -235,6 +235,11 @@ def state_for(updates: Any, state: Any, cls: type, fresh: Callable[[], Any] | No
       " updates, state = tx.update(grads, state, params) on every step")
 
 
+def first_state(cls: type, name: str, stats: Any) -> Any:
+  """The state of a clipper that keeps a step count and its statistics, before its first step."""
+  return cls(clip_count=jnp.zeros((), jnp.int32), clip_stats={name: stats})
+
+
 SCHEDULE_NEEDS = "a scheduled threshold reads its step count"
 HISTORY_NEEDS = "it keeps running statistics"
 

@@ -54,11 +54,6 @@ class ClipByBlockRmsState(NamedTuple):
   stats = _base.STATS
 
 
-def _fresh(cls: type, name: str, stats: ClipStats) -> Any:
-  """A fixed-threshold clipper's state before its first step."""
-  return cls(clip_count=jnp.zeros((), jnp.int32), clip_stats={name: stats})
-
-
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
   _checks.check_number(high_name, high)
   # A floor must be finite: an infinite one would make every nonzero update inf.
@@ -146,7 +141,8 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
 
   def init_fn(params):
     del params
-    return _fresh(ClipState, name, _base.initial_stats(_base.initial_threshold(max_delta)))
+    stats = _base.initial_stats(_base.initial_threshold(max_delta))
+    return _base.first_state(ClipState, name, stats)
 
   def update_fn(updates, state, params=None):
     del params
@@ -253,7 +249,7 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
     stats = _base.initial_stats(_base.initial_threshold(max_norm))
     if leaf_stats:
       stats = _initial_leaf_stats(stats, params, layer_axis)
-    return _fresh(ClipByNormState, name, stats)
+    return _base.first_state(ClipByNormState, name, stats)
 
   def update_fn(updates, state, params=None):
     del params
@@ -335,7 +331,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   def init_fn(params):
     del params
     stats = _base.initial_stats(_base.initial_threshold(max_norm))
-    return _fresh(ClipByGlobalNormState, name, stats)
+    return _base.first_state(ClipByGlobalNormState, name, stats)
 
   def update_fn(updates, state, params=None):
     del params
@@ -397,7 +393,7 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
   def init_fn(params):
     del params
     stats = _base.initial_stats(_base.initial_threshold(threshold))
-    return _fresh(ClipByBlockRmsState, name, stats)
+    return _base.first_state(ClipByBlockRmsState, name, stats)
 
   def update_fn(updates, state, params=None):
     del params

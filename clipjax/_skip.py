@@ -144,7 +144,7 @@ def _limit(buffer: jax.Array, valid: jax.Array, sigma: jax.Array
 
 def _above(value: jax.Array, limit: tuple[jax.Array, jax.Array, jax.Array],
            least: int | jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(value > limit, limit)`` compared in ``value``'s dtype; never above before ``least`` values."""
+  """``(value > limit, limit)`` in ``value``'s dtype; never above before ``least`` values."""
   scaled, unit, count = limit
   bound = scaled.astype(value.dtype) * unit.astype(value.dtype)
   active = count >= least
@@ -153,7 +153,7 @@ def _above(value: jax.Array, limit: tuple[jax.Array, jax.Array, jax.Array],
 
 def _record(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
             enters: jax.Array) -> dict[str, jax.Array]:
-  """The window after the step: the step's norm and loss enter it when ``enters``, else it is kept."""
+  """The window after the step: the step's norm and loss enter it when ``enters``."""
   length = state.norms.shape[0]
   slot = jnp.asarray(state.position)
   norms, losses, has_loss = map(jnp.asarray, (state.norms, state.losses, state.has_loss))
