@@ -284,10 +284,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
   name = _base.check_name(name, "adaptive_grad_clip")
   needs = _base.needs_state(clipping)
 
-  def init_fn(params):
-    del params
-    stats = _base.initial_stats(_base.initial_threshold(clipping))
-    return _base.first_state(AdaptiveGradClipState, name, stats)
+  init_fn = _base.fixed_init(AdaptiveGradClipState, name, clipping)
 
   def update_fn(updates, state, params=None):
     state = _base.state_for(updates, state, AdaptiveGradClipState, lambda: init_fn(None),

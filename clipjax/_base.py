@@ -240,6 +240,16 @@ def first_state(cls: type, name: str, stats: Any) -> Any:
   return cls(clip_count=jnp.zeros((), jnp.int32), clip_stats={name: stats})
 
 
+def fixed_init(cls: type, name: str, threshold: Threshold) -> Callable[[Any], Any]:
+  """The ``init_fn`` of a clipper whose state is a step count and its statistics."""
+
+  def init_fn(params):
+    del params
+    return first_state(cls, name, initial_stats(initial_threshold(threshold)))
+
+  return init_fn
+
+
 SCHEDULE_NEEDS = "a scheduled threshold reads its step count"
 HISTORY_NEEDS = "it keeps running statistics"
 

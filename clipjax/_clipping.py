@@ -17,42 +17,6 @@ from . import _norms
 from . import _stats
 from ._base import ClipStats, Threshold
 
-# The states of the fixed-threshold clippers: a step count (read by a scheduled
-# threshold; not named ``count``, which optax.tree_utils.tree_get would confuse
-# with the optimizer's) and the last statistics under the transform's name.
-
-
-class ClipState(NamedTuple):
-  """State of :func:`clipjax.clip`: a step count and the last statistics."""
-
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
-
-
-class ClipByNormState(NamedTuple):
-  """State of :func:`clipjax.clip_by_norm`: a step count and the last statistics."""
-
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, Any]  # {name: ClipStats, or LeafClipStats with leaf_stats=True}
-  stats = _base.STATS
-
-
-class ClipByGlobalNormState(NamedTuple):
-  """State of :func:`clipjax.clip_by_global_norm`: a step count and the last statistics."""
-
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
-
-
-class ClipByBlockRmsState(NamedTuple):
-  """State of :func:`clipjax.clip_by_block_rms`: a step count and the last statistics."""
-
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
-
 
 def _check_thresholds(high_name: str, high: Any, low_name: str, low: Any) -> None:
   _checks.check_number(high_name, high)
@@ -100,6 +64,17 @@ def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
                           jnp.all(finite))
 
 
+# A fixed-threshold clipper keeps a step count (read by a scheduled threshold; not
+# named ``count``, which optax.tree_utils.tree_get would confuse with the
+# optimizer's) and its last statistics under the transform's name.
+class ClipState(NamedTuple):
+  """State of :func:`clipjax.clip`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
+
+
 @_docs.fill
 def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
          axis_name: _norms.AxisName = None,
@@ -139,10 +114,7 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
   name = _base.check_name(name, "clip")
   needs = _base.needs_state(max_delta, min_delta)
 
-  def init_fn(params):
-    del params
-    stats = _base.initial_stats(_base.initial_threshold(max_delta))
-    return _base.first_state(ClipState, name, stats)
+  init_fn = _base.fixed_init(ClipState, name, max_delta)
 
   def update_fn(updates, state, params=None):
     del params
@@ -196,6 +168,14 @@ def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
     if magnitude.size:
       smallest = jnp.minimum(smallest, jnp.min(jnp.where(magnitude > 0, magnitude, jnp.inf)))
   return smallest
+
+
+class ClipByNormState(NamedTuple):
+  """State of :func:`clipjax.clip_by_norm`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, Any]  # {name: ClipStats, or LeafClipStats with leaf_stats=True}
+  stats = _base.STATS
 
 
 @_docs.fill
@@ -283,6 +263,14 @@ def _initial_leaf_stats(stats: ClipStats, params: Any, layer_axis: Any) -> LeafC
                        leaf_norms=_leaf_norms_by_path(params, zeros, layout))
 
 
+class ClipByGlobalNormState(NamedTuple):
+  """State of :func:`clipjax.clip_by_global_norm`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
+
+
 @_docs.fill
 def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
                         ord: int | float = 2, axis_name: _norms.AxisName = None,
@@ -328,10 +316,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   name = _base.check_name(name, "clip_by_global_norm")
   needs = _base.needs_state(max_norm, min_norm)
 
-  def init_fn(params):
-    del params
-    stats = _base.initial_stats(_base.initial_threshold(max_norm))
-    return _base.first_state(ClipByGlobalNormState, name, stats)
+  init_fn = _base.fixed_init(ClipByGlobalNormState, name, max_norm)
 
   def update_fn(updates, state, params=None):
     del params
@@ -347,6 +332,14 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
             ClipByGlobalNormState(_base.next_count(state.clip_count), {name: stats}))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ClipByBlockRmsState(NamedTuple):
+  """State of :func:`clipjax.clip_by_block_rms`: a step count and the last statistics."""
+
+  clip_count: jax.Array  # [] int32, steps taken
+  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
+  stats = _base.STATS
 
 
 @_docs.fill
@@ -390,10 +383,7 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
   name = _base.check_name(name, "clip_by_block_rms")
   needs = _base.needs_state(threshold)
 
-  def init_fn(params):
-    del params
-    stats = _base.initial_stats(_base.initial_threshold(threshold))
-    return _base.first_state(ClipByBlockRmsState, name, stats)
+  init_fn = _base.fixed_init(ClipByBlockRmsState, name, threshold)
 
   def update_fn(updates, state, params=None):
     del params
