@@ -37,7 +37,9 @@ from ._stats import norms_by_path as norms_by_path
 from ._stats import path_name as path_name
 from ._wrappers import clip_grad_norm as clip_grad_norm
 from ._wrappers import clip_grad_value as clip_grad_value
+from ._wrappers import clip_grads_with_norm as clip_grads_with_norm
 from ._wrappers import clipped as clipped
+from ._wrappers import get_total_norm as get_total_norm
 from ._zclip import ZclipState as ZclipState
 from ._zclip import zclip as zclip
 
@@ -70,8 +72,10 @@ __all__ = [
     "clip_by_norm",
     "clip_grad_norm",
     "clip_grad_value",
+    "clip_grads_with_norm",
     "clip_stats",
     "clipped",
+    "get_total_norm",
     "global_norm",
     "inverse_sqrt_decay",
     "inverse_time_decay",
