@@ -22,6 +22,8 @@ from ._clipping import clip as clip
 from ._clipping import clip_by_block_rms as clip_by_block_rms
 from ._clipping import clip_by_global_norm as clip_by_global_norm
 from ._clipping import clip_by_norm as clip_by_norm
+from ._group import ClipByGroupNormState as ClipByGroupNormState
+from ._group import clip_by_group_norm as clip_by_group_norm
 from ._norms import global_norm as global_norm
 from ._norms import leaf_norms as leaf_norms
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
@@ -54,6 +56,7 @@ __all__ = [
     "AutoclipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
+    "ClipByGroupNormState",
     "ClipByNormState",
     "ClipState",
     "ClipStats",
@@ -69,6 +72,7 @@ __all__ = [
     "clip",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_group_norm",
     "clip_by_norm",
     "clip_grad_norm",
     "clip_grad_value",
