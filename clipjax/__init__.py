@@ -28,6 +28,8 @@ from ._norms import global_norm as global_norm
 from ._norms import leaf_norms as leaf_norms
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._rolling import ClipByRollingNormState as ClipByRollingNormState
+from ._rolling import clip_by_rolling_norm as clip_by_rolling_norm
 from ._schedules import inverse_sqrt_decay as inverse_sqrt_decay
 from ._schedules import inverse_time_decay as inverse_time_decay
 from ._schedules import polynomial_decay as polynomial_decay
@@ -58,6 +60,7 @@ __all__ = [
     "ClipByGlobalNormState",
     "ClipByGroupNormState",
     "ClipByNormState",
+    "ClipByRollingNormState",
     "ClipState",
     "ClipStats",
     "LeafClipStats",
@@ -74,6 +77,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_group_norm",
     "clip_by_norm",
+    "clip_by_rolling_norm",
     "clip_grad_norm",
     "clip_grad_value",
     "clip_grads_with_norm",
