@@ -36,6 +36,8 @@ from ._schedules import polynomial_decay as polynomial_decay
 from ._skip import SkipSpikesState as SkipSpikesState
 from ._skip import SkipStats as SkipStats
 from ._skip import skip_spikes as skip_spikes
+from ._spam import StableSpamState as StableSpamState
+from ._spam import stable_spam_clip as stable_spam_clip
 from ._stats import clip_stats as clip_stats
 from ._stats import norms_by_path as norms_by_path
 from ._stats import path_name as path_name
@@ -67,6 +69,7 @@ __all__ = [
     "QuantileClipState",
     "SkipSpikesState",
     "SkipStats",
+    "StableSpamState",
     "Threshold",
     "ZclipState",
     "adagc",
@@ -95,6 +98,7 @@ __all__ = [
     "polynomial_decay",
     "quantile_clip",
     "skip_spikes",
+    "stable_spam_clip",
     "unitwise_norm",
     "zclip",
 ]
