@@ -19,7 +19,9 @@ import optax
 from . import _base
 from . import _checks
 from . import _docs
+from . import _layout
 from . import _norms
+from . import _partials
 from ._base import ClipStats
 
 _F32 = jnp.float32
@@ -49,7 +51,8 @@ def _mean_std(buffer: jax.Array, filled: jax.Array) -> tuple[jax.Array, jax.Arra
   x = jnp.where(valid, buffer / unit, 0.0)
   mean = jnp.sum(x) / n
   deviation = jnp.where(valid, x - mean, 0.0)
-  return mean * unit, jnp.sqrt(jnp.sum(deviation * deviation) / n) * unit
+  # safe_sqrt: a constant window has std 0, and a finite derivative there.
+  return mean * unit, _partials.safe_sqrt(jnp.sum(deviation * deviation) / n) * unit
 
 
 @_docs.fill
@@ -124,6 +127,7 @@ def clip_by_rolling_norm(window: int = 128, sigma_factor: float = 3.0, *,
     least = _checks.check_int("min_history", min_history, minimum=1)
     if least is not None and size is not None and least > size:
       raise ValueError(f"{min_history=} must be <= {window=}")
+  _layout.check_replicated(replicated)
   name = _base.check_name(name, "clip_by_rolling_norm")
 
   def init_fn(params):

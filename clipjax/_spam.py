@@ -14,16 +14,23 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
 from . import _base
 from . import _checks
 from . import _docs
 from . import _layout
 from . import _norms
+from . import _partials
 from ._base import ClipStats
 
 _F32 = jnp.float32
+# AdaGN scales a tensor of norm n by about 1/n, AdaClip by m̂/M; their derivatives
+# (about 1/n², m̂/M²) overflow float32 below this norm or magnitude, so smaller
+# tensors are neither normalised nor clipped.
+_SMALLEST_NORM = 1e-18
 
 
 class StableSpamState(NamedTuple):
@@ -51,23 +58,33 @@ def _per_tensor(values: jax.Array, leaf: jax.Array, start: int, count: int,
   return jnp.reshape(values[start:start + count], shape)
 
 
-def _adaclipped(updates: Any, bound: jax.Array, largest: jax.Array,
-                layout: _layout.Layout) -> Any:
-  """Each element above its tensor's ``bound`` scaled by ``bound / largest``; the rest kept.
+def _adaclip(g: jax.Array, bound: jax.Array, ratio: jax.Array) -> jax.Array:
+  """Elements above ``bound`` scaled by ``ratio``, the rest kept; in at least float32."""
+  x = g.astype(_base.compute_dtype(g.dtype))
+  return jnp.where(jnp.abs(x) > bound.astype(x.dtype), x * ratio.astype(x.dtype), x)
 
-  Computed in at least float32, returned in each leaf's dtype.
+
+def _clipped_squares(g: jax.Array, bound: jax.Array, ratio: jax.Array,
+                     inverse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(g'/M)²`` after AdaClip and ``(g/M)²`` before it, elementwise, ``inverse = 1/M``.
+
+  Squares rather than ``abs`` and a multiplication by ``1/M`` rather than a
+  division: XLA CPU materialises a shared ``abs`` or a broadcast divisor as a
+  leaf-sized temporary (see ``clipjax._xla``). The leaf passes an optimization
+  barrier, so this read does not share its expressions with the output's.
   """
-  leaves, treedef = jax.tree.flatten(updates)
-  ratio = jnp.where(largest > bound, bound / jnp.where(largest > 0, largest, 1.0), 1.0)
-  out = []
-  for g, start, count, layer in zip(leaves, layout.starts, layout.counts, layout.layers):
-    g = jnp.asarray(g)
-    compute = _base.compute_dtype(g.dtype)
-    x = g.astype(compute)
-    b = _per_tensor(bound, g, start, count, layer).astype(compute)
-    r = _per_tensor(ratio, g, start, count, layer).astype(compute)
-    out.append(jnp.where(jnp.abs(x) > b, x * r, x).astype(g.dtype))
-  return jax.tree.unflatten(treedef, out)
+  g, inverse = lax.optimization_barrier((g, inverse))
+  y = g.astype(inverse.dtype) * inverse
+  before = y * y
+  cut = (bound * inverse).astype(y.dtype)
+  return jnp.where(before > cut * cut, before * (ratio * ratio).astype(y.dtype), before), before
+
+
+def _flat(parts: list[jax.Array]) -> jax.Array:
+  """Per-leaf values (scalars or per-slice vectors) as one ``[n_tensors]`` vector."""
+  if not parts:
+    return jnp.zeros((0,), _F32)
+  return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
 
 
 @_docs.fill
@@ -104,7 +121,10 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
   A step whose update is zero, NaN or inf passes through unscaled, with
   ``finite`` False when non-finite, and changes neither the averages nor
   ``t``. A tensor whose gradient is exactly zero stays zero and keeps its
-  averages (the reference would decay them towards zero). The statistics
+  averages (the reference would decay them towards zero). A tensor whose
+  largest magnitude is below 1e-18 is not clipped, and one whose norm after
+  AdaClip is below 1e-18 is not normalised (the reference would scale it up
+  to a norm near 1): the derivatives of those factors overflow float32. The statistics
   report the global L2 norm of the incoming update as ``norm``; as
   ``threshold`` the global norm AdaGN gives the update,
   ``sqrt(Σ_i (m̂_n,i / (sqrt(v̂_n,i) + eps))²)`` over the nonzero tensors; as
@@ -184,18 +204,35 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
     moving = lambda decay, old, new: decay * jnp.asarray(old).astype(acc) + (1.0 - decay) * new
     max_ema = moving(th, state.max_ema, largest.leaves)
     bound = max_ema / (1.0 - th**step)
-    clipped_tree = _adaclipped(updates, bound, largest.leaves, layout)
-    # One collective for the norms after AdaClip and, for the statistics, before it.
-    norms = _norms.measure((clipped_tree, updates), 2, axis_name=axis_name,
-                           replicated=(replicated, replicated),
-                           layer_axis=(layer_axis, layer_axis))
-    n = norms.leaves.shape[0] // 2
-    after, total = norms.leaves[:n], _norms.global_norm(norms.leaves[n:])
+    # AdaClip's factor per tensor, and every array broadcast to its leaf.
+    # Both quotients' operands are selected too: no 0·inf derivative from a tiny max.
+    cut = (largest.leaves > bound) & (largest.leaves >= _SMALLEST_NORM)
+    ratio = jnp.where(cut, bound, 1.0) / jnp.where(cut, largest.leaves, 1.0)
+    # The unit only keeps Σ (g/M)² in range: u·sqrt(Σ (g/u)²) does not depend on it.
+    unit = lax.stop_gradient(jnp.where((largest.leaves > 0) & jnp.isfinite(largest.leaves),
+                                       largest.leaves, 1.0))
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(g) for g in leaves]
+    spans = list(zip(layout.starts, layout.counts, layout.layers))
+    pieces = [tuple(_per_tensor(v, g, *span) for v in (bound, ratio, unit))
+              for g, span in zip(leaves, spans)]
+    # Σ (g'/M)² after AdaClip and Σ (g/M)² before it, per tensor: one psum for both.
+    rows = []
+    for g, (b, r, u), (_, _, layer) in zip(leaves, pieces, spans):
+      after_sq, before_sq = _clipped_squares(g, b, r, 1.0 / u)
+      axes = tuple(i for i in range(g.ndim) if i != layer)
+      rows.append((jnp.sum(after_sq, axis=axes), jnp.sum(before_sq, axis=axes)))
+    sums = jnp.stack([_flat([a for a, _ in rows]), _flat([b for _, b in rows])])
+    if axis_name is not None:
+      shared = layout.per_tensor(np.asarray(_layout.replicated_mask(updates, replicated)))
+      sums = _norms.all_reduce(sums, axis_name, shared=shared[None, :])
+    after = unit * _partials.safe_sqrt(sums[0])  # a zero tensor: a finite derivative
+    total = _norms.global_norm(unit * _partials.safe_sqrt(sums[1]))
     norm_ema = moving(g1, state.norm_ema, after)
     sq_norm_ema = moving(g2, state.sq_norm_ema, after * after)
     target = (norm_ema / (1.0 - g1**step)) / (
-        jnp.sqrt(sq_norm_ema / (1.0 - g2**step)) + _base.f32(eps).astype(acc))
-    nonzero = after > 0
+        _partials.safe_sqrt(sq_norm_ema / (1.0 - g2**step)) + _base.f32(eps).astype(acc))
+    nonzero = after >= _SMALLEST_NORM
     factors = jnp.where(nonzero, target / jnp.where(nonzero, after, 1.0), 1.0)
     finite = jnp.isfinite(largest.total)
     factors = jnp.where(finite, factors, jnp.ones((), acc))
@@ -210,8 +247,12 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
                           norm_ema=keep(norm_ema, state.norm_ema),
                           sq_norm_ema=keep(sq_norm_ema, state.sq_norm_ema),
                           spam_step=t, clip_stats={name: stats})
-    out = jax.tree.map(lambda c, g: jnp.where(finite, c, g), clipped_tree, updates)
-    return (_base.apply_scale(out, factors, layout),
-            _base.taken_into(largest.total, new, state))
+    # One pass per leaf: AdaClip and AdaGN's factor together, in the leaf's dtype.
+    out = []
+    for g, (b, r, _), span in zip(leaves, pieces, spans):
+      f = _per_tensor(factors, g, *span)
+      out.append(jnp.where(finite, _adaclip(g, b, r) * f.astype(_base.compute_dtype(g.dtype)),
+                           g.astype(_base.compute_dtype(g.dtype))).astype(g.dtype))
+    return jax.tree.unflatten(treedef, out), _base.taken_into(largest.total, new, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
