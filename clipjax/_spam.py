@@ -40,7 +40,7 @@ class StableSpamState(NamedTuple):
   layer axis one tensor per slice.
   """
 
-  max_ema: jax.Array  # [n_tensors] float32, m_max: EMA (theta) of each tensor's max |g|
+  max_ema: jax.Array  # [n_tensors] float32, m_max: EMA (theta) of each tensor's largest magnitude
   norm_ema: jax.Array  # [n_tensors] float32, m_n: EMA (gamma1) of each tensor's norm after AdaClip
   sq_norm_ema: jax.Array  # [n_tensors] float32, v_n: EMA (gamma2) of its square
   spam_step: jax.Array  # [] int32, t: steps with a finite nonzero update (bias corrections)
