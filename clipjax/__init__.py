@@ -22,22 +22,30 @@ from ._clipping import clip as clip
 from ._clipping import clip_by_block_rms as clip_by_block_rms
 from ._clipping import clip_by_global_norm as clip_by_global_norm
 from ._clipping import clip_by_norm as clip_by_norm
+from ._group import ClipByGroupNormState as ClipByGroupNormState
+from ._group import clip_by_group_norm as clip_by_group_norm
 from ._norms import global_norm as global_norm
 from ._norms import leaf_norms as leaf_norms
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._rolling import ClipByRollingNormState as ClipByRollingNormState
+from ._rolling import clip_by_rolling_norm as clip_by_rolling_norm
 from ._schedules import inverse_sqrt_decay as inverse_sqrt_decay
 from ._schedules import inverse_time_decay as inverse_time_decay
 from ._schedules import polynomial_decay as polynomial_decay
 from ._skip import SkipSpikesState as SkipSpikesState
 from ._skip import SkipStats as SkipStats
 from ._skip import skip_spikes as skip_spikes
+from ._spam import StableSpamState as StableSpamState
+from ._spam import stable_spam_clip as stable_spam_clip
 from ._stats import clip_stats as clip_stats
 from ._stats import norms_by_path as norms_by_path
 from ._stats import path_name as path_name
 from ._wrappers import clip_grad_norm as clip_grad_norm
 from ._wrappers import clip_grad_value as clip_grad_value
+from ._wrappers import clip_grads_with_norm as clip_grads_with_norm
 from ._wrappers import clipped as clipped
+from ._wrappers import get_total_norm as get_total_norm
 from ._zclip import ZclipState as ZclipState
 from ._zclip import zclip as zclip
 
@@ -52,13 +60,16 @@ __all__ = [
     "AutoclipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
+    "ClipByGroupNormState",
     "ClipByNormState",
+    "ClipByRollingNormState",
     "ClipState",
     "ClipStats",
     "LeafClipStats",
     "QuantileClipState",
     "SkipSpikesState",
     "SkipStats",
+    "StableSpamState",
     "Threshold",
     "ZclipState",
     "adagc",
@@ -67,11 +78,15 @@ __all__ = [
     "clip",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_group_norm",
     "clip_by_norm",
+    "clip_by_rolling_norm",
     "clip_grad_norm",
     "clip_grad_value",
+    "clip_grads_with_norm",
     "clip_stats",
     "clipped",
+    "get_total_norm",
     "global_norm",
     "inverse_sqrt_decay",
     "inverse_time_decay",
@@ -83,6 +98,7 @@ __all__ = [
     "polynomial_decay",
     "quantile_clip",
     "skip_spikes",
+    "stable_spam_clip",
     "unitwise_norm",
     "zclip",
 ]

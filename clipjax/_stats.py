@@ -132,7 +132,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   position among them, in the order of their paths in ``opt_state``:
   ``"clip_by_norm_0/norm"``, ``"clip_by_norm_1/norm"``. A statistic kept by
   path (``clip_by_norm(leaf_stats=True)``'s ``leaf_norms``) gives one entry
-  per path: ``"clip_by_norm/leaf_norms/<path>"``.
+  per path: ``"clip_by_norm/leaf_norms/<path>"``; the statistics of a group
+  (:func:`clipjax.clip_by_group_norm`) one per field: ``"<name>/<label>/<field>"``.
 
   Every clipjax state keeps its statistics in a field ``clip_stats``, a dict
   keyed by the transform's name, so the names survive what a checkpoint does
@@ -225,10 +226,20 @@ def _path_order(path: Sequence[Any]) -> tuple[tuple[int, int | str], ...]:
 
 
 def _named(name: str, value: Any) -> dict[str, Any]:
-  """``{name: value}``, or for a mapping of statistics by path (``leaf_norms``) one entry each."""
+  """``{name: value}``, or one entry per key of a mapping or record, recursively.
+
+  A mapping of statistics by path (``leaf_norms``) gives ``"<name>/<path>"``;
+  the statistics of a group (:func:`clipjax.clip_by_group_norm`, a
+  ``ClipStats`` under its label) give ``"<name>/<field>"``.
+  """
   value = _unwrap(value)
+  if hasattr(value, "_asdict"):
+    value = _fields_of(value)
   if isinstance(value, Mapping):
-    return {f"{name}/{key}": _unwrap(item) for key, item in value.items()}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+      out.update(_named(f"{name}/{key}", item))
+    return out
   return {name: value}
 
 

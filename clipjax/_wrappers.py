@@ -7,14 +7,19 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _base
 from . import _checks
 from . import _docs
 from . import _norms
 from ._base import Threshold
 from ._clipping import clip, clip_by_global_norm, clip_by_norm
+
+# torch.nn.utils.clip_grads_with_norm_ divides by ``total_norm + 1e-6``.
+_TORCH_EPS = 1e-6
 
 
 def clipped(tx: optax.GradientTransformation, *, clipnorm: Threshold | None = None,
@@ -92,12 +97,14 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
   """Clips a gradient tree to global norm at most ``max_norm``, as PyTorch's ``clip_grad_norm_``.
 
   ``g ← g · max_norm / max(‖g‖, max_norm)``, with ``‖g‖`` the ``norm_type``
-  norm of all leaves together: :func:`clipjax.clip_by_global_norm` applied once,
-  outside an optax chain, returning the pre-clip norm the way
+  norm of all leaves together: the numbers of :func:`clipjax.clip_by_global_norm`
+  applied once, outside an optax chain, returning the pre-clip norm the way
   ``torch.nn.utils.clip_grad_norm_`` does. Pure and jit-compatible: the
   clipped tree is returned, not written in place.
 
-  The rule is clipjax's, not torch's ``max_norm / (‖g‖ + 1e-6)``: the scaled
+  It is :func:`get_total_norm` followed by the scaling of
+  :func:`clip_grads_with_norm`, with one difference, the coefficient. The rule
+  is clipjax's, not torch's ``max_norm / (‖g‖ + 1e-6)``: the scaled
   norm is ``max_norm`` exactly, and a norm at or below ``max_norm`` leaves the
   gradients unchanged. The two factors differ by a relative
   ``1e-6 / (‖g‖ + 1e-6)``, so for finite gradients the results equal torch's
@@ -148,11 +155,110 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
   _checks.check_number("max_norm", max_norm, allow_schedule=False)
   if not isinstance(error_if_nonfinite, (bool, np.bool_)):
     raise ValueError(f"{error_if_nonfinite=} must be a bool")
-  clipped_grads, state = clip_by_global_norm(max_norm, ord=ord).update(grads, None)
-  total_norm = state.stats.norm
+  _checks.check_updates(grads, "clip_grad_norm")
+  total_norm = get_total_norm(grads, ord)
   if error_if_nonfinite:
     _check_finite(total_norm, _shown(norm_type))
-  return clipped_grads, total_norm
+  # clipjax's rule: the factor that brings total_norm to max_norm exactly, never above 1.
+  scale, _, _ = _base.scale_rule(total_norm, jnp.asarray(max_norm))
+  return _scaled(grads, scale, total_norm), total_norm
+
+
+@_docs.fill
+def get_total_norm(grads: Any, norm_type: float | str = 2.0, *,
+                   axis_name: _norms.AxisName = None, replicated: Any = None) -> jax.Array:
+  """The norm of all gradients together, as PyTorch's ``torch.nn.utils.get_total_norm``.
+
+  ``‖g‖ = ‖(‖g_1‖, …, ‖g_n‖)‖`` of order ``norm_type`` over the leaves, which
+  equals the norm of all elements together: :func:`clipjax.global_norm`,
+  accumulated in float32 (float64 under x64) and overflow-safe whatever the
+  gradients' dtype. With torch ≥ 2.6, ``clip_grad_norm_`` is this function
+  followed by ``clip_grads_with_norm_``; here :func:`clip_grad_norm` is this
+  function followed by the scaling of :func:`clip_grads_with_norm`.
+
+  Args:
+    grads: a pytree of gradients (one array is a tree too).
+    norm_type: ``1``, ``2`` or ``inf`` (``float("inf")``, ``jnp.inf`` or
+      ``"inf"``); torch's other p-norms are not supported.
+    axis_name: mapped axis name(s) over which the leaves are sharded
+      (``shard_map``, ``pmap``); the norm is global over them, with one
+      collective.
+    {replicated}
+
+  Returns:
+    A float32 scalar (float64 when the tree holds float64 leaves); NaN or inf
+    when some gradient is.
+
+  Raises:
+    ValueError: when ``norm_type`` is not 1, 2 or inf.
+
+  {example}
+    >>> float(clipjax.get_total_norm({"w": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}))
+    13.0
+  """
+  ord = _norm_type(norm_type)
+  return _norms.global_norm(grads, ord, axis_name=axis_name, replicated=replicated)
+
+
+@_docs.fill
+def clip_grads_with_norm(grads: Any, max_norm: float | jax.Array,
+                         total_norm: jax.typing.ArrayLike) -> Any:
+  """Scales gradients by a norm computed before, as PyTorch's ``clip_grads_with_norm_``.
+
+  ``g ← g · min(1, max_norm / (total_norm + 1e-6))``: torch's coefficient,
+  1e-6 included, clamped to at most 1, so the gradients are never scaled up.
+  ``total_norm`` is any norm the caller computed (typically
+  :func:`get_total_norm`, possibly of a larger tree, or reduced over devices
+  beforehand), which is what makes the split useful: measure once, clip
+  several trees with the same factor. Pure and jit-compatible: the scaled
+  tree is returned, not written in place, each leaf in its own dtype
+  (half-precision leaves are multiplied in float32).
+
+  Unlike :func:`clip_grad_norm`, whose factor brings the norm to
+  ``max_norm`` exactly, the result equals torch's: the norm after clipping is
+  ``max_norm · total_norm / (total_norm + 1e-6)``, slightly below
+  ``max_norm``. When ``total_norm`` is NaN or inf, torch multiplies the
+  gradients by NaN or 0; clipjax returns them unscaled (the library's
+  non-finite policy: a bad step stays visible, for ``optax.apply_if_finite``
+  or a check of ``total_norm`` to skip).
+
+  Args:
+    grads: a pytree of gradients (one array is a tree too).
+    max_norm: the largest norm, ``>= 0``: a number or a scalar array (traced
+      values work under ``jit``).
+    total_norm: the norm the factor is computed from: a number or a scalar
+      array.
+
+  Returns:
+    The scaled tree.
+
+  Raises:
+    ValueError: when ``max_norm`` is negative or not a number.
+
+  {example}
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> total_norm = clipjax.get_total_norm(grads)
+    >>> clipjax.clip_grads_with_norm(grads, 1.0, total_norm)["w"]  # 1 / (5 + 1e-6)
+    Array([0.5999999 , 0.79999983], dtype=float32)
+  """
+  _checks.check_number("max_norm", max_norm, allow_schedule=False)
+  _checks.check_updates(grads, "clip_grads_with_norm")
+  total = jnp.asarray(total_norm)
+  if not jnp.issubdtype(total.dtype, jnp.floating):
+    total = total.astype(jnp.float32)
+  total = total.astype(_base.compute_dtype(total.dtype))
+  coefficient = jnp.asarray(max_norm).astype(total.dtype) / (
+      total + jnp.asarray(_TORCH_EPS, total.dtype))
+  return _scaled(grads, jnp.minimum(coefficient, jnp.ones((), total.dtype)), total)
+
+
+def _scaled(grads: Any, scale: jax.Array, total_norm: jax.Array) -> Any:
+  """``grads`` times ``scale``, each leaf in its dtype; unscaled when ``total_norm`` is not finite.
+
+  The one scaling step of :func:`clip_grad_norm` and :func:`clip_grads_with_norm`.
+  """
+  scale = jnp.where(jnp.isfinite(total_norm), scale, jnp.ones((), scale.dtype))
+  return _base.apply_scale(grads, scale)
 
 
 @_docs.fill

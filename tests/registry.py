@@ -13,6 +13,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 
@@ -34,6 +35,19 @@ def largest_agc_ratio(updates: Any, params: Any, eps: float = 1e-3) -> float:
   """The largest ratio of a unit's gradient norm to its parameter norm: what AGC bounds."""
   return max(float(np.max(np_unit_norms(u) / np.maximum(np_unit_norms(p), eps)))
              for u, p in zip(leaves64(updates), leaves64(params), strict=True))
+
+
+def rank_labels(tree: Any) -> Any:
+  """Two groups for the group clipper: ``"matrices"`` (rank >= 2) and ``"vectors"``."""
+  return jax.tree.map(lambda x: "matrices" if np.ndim(x) >= 2 else "vectors", tree)
+
+
+def largest_group_norm(tree: Any) -> float:
+  """The largest norm of a group of :func:`rank_labels`: what ``clip_by_group_norm`` bounds."""
+  labels = jax.tree.leaves(rank_labels(tree))
+  leaves = leaves64(tree)
+  return max(np_norm([x for x, label in zip(leaves, labels) if label == group])
+             for group in set(labels))
 
 
 # Thresholds far from every norm of a gradient tree, for the multi-device cases -------
@@ -100,7 +114,8 @@ class Entry:
     variant: a suffix of the test id, when a name has several entries.
     needs_params: whether ``update`` needs ``params``.
     scope: what one factor scales: ``"tree"`` the whole update, ``"leaf"``
-      each tensor on its own, ``"unit"`` each unit of a tensor (AGC).
+      each tensor on its own, ``"unit"`` each unit of a tensor (AGC),
+      ``"group"`` each group of leaves (``clip_by_group_norm``).
     memoryless: whether the state holds nothing but a step count and the
       last statistics.
     inner: the argument that takes the transform it wraps; its state holds
@@ -109,6 +124,10 @@ class Entry:
     dist: how the multi-device tests build it; ``None`` without ``axis_name``.
     skips: whether a non-finite step gives zero updates (the step is skipped)
       rather than passing through unscaled.
+    groups: the labels of a clipper with statistics per group: they are named
+      ``"<name>/<label>/<field>"``, besides the total ``"<name>/norm"``.
+    normalizes: whether the rule rescales each tensor to a tracked norm rather
+      than bounding a norm (Stable-SPAM's AdaGN): an element may grow.
   """
 
   name: str
@@ -124,6 +143,8 @@ class Entry:
   ords: tuple[float, ...] = ()
   dist: Dist | None = None
   skips: bool = False
+  groups: tuple[str, ...] = ()
+  normalizes: bool = False
 
   @property
   def id(self) -> str:
@@ -144,6 +165,12 @@ class Entry:
   def measure(self, updates: Any, params: Any = None) -> float:
     """What ``bound`` measures of ``updates`` (and of ``params`` where the rule reads them)."""
     return self.bound(updates, params) if self.needs_params else self.bound(updates)
+
+  def stat_names(self, field: str) -> list[str]:
+    """The names under which ``clip_stats`` reports ``field`` of this transform (one per group)."""
+    if self.groups:
+      return [f"{self.name}/{group}/{field}" for group in self.groups]
+    return [f"{self.name}/{field}"]
 
   def __str__(self) -> str:
     return self.id
@@ -180,6 +207,17 @@ ENTRIES = [
     Entry("quantile_clip", {"target_quantile": 0.5, "initial_norm": 1.0},
           hyper=("learning_rate", 0.5),
           dist=Dist(kwargs={"target_quantile": 0.5, "learning_rate": 0.5, "initial_norm": 1.0})),
+    # Matrices and vectors in two groups under one threshold for both, so the suites'
+    # hyperparameter moves it; tests/test_group.py covers thresholds per group and ord.
+    Entry("clip_by_group_norm", {"max_norms": 1.0, "param_labels": rank_labels},
+          hyper=("max_norms", 0.5), bound=largest_group_norm, static_args=("param_labels",),
+          scope="group", memoryless=True, groups=("matrices", "vectors")),
+    Entry("clip_by_rolling_norm", {"window": 4, "sigma_factor": 1.0, "min_history": 2},
+          hyper=("sigma_factor", 0.25), static_args=("window",),
+          dist=Dist(kwargs={"window": 4, "sigma_factor": 0.5, "min_history": 2})),
+    # Two collectives under axis_name (a max, then a sum): tests/test_spam.py shards it.
+    Entry("stable_spam_clip", {"theta": 0.9, "gamma1": 0.7, "gamma2": 0.9},
+          hyper=("gamma1", 0.3), scope="leaf", normalizes=True),
     # A clipper inside: its statistics show through the wrapper. With sigma_factor 1 the
     # spike of the suite's last step is skipped; with 50 it is taken.
     Entry("skip_spikes", {"inner": clipjax.clip_by_global_norm(1.0), "sigma_factor": 50.0,

@@ -165,7 +165,8 @@ def test_min_norm_leaves_norms_it_cannot_lift():
   assert not bool(state.stats.clipped) and bool(state.stats.finite)
 
 
-@pytest.mark.parametrize("entry", [e for e in registry.FIXED if e.per_leaf], ids=str)
+# Groups: tests/test_group.py (a non-finite group passes, the others are clipped).
+@pytest.mark.parametrize("entry", [e for e in registry.FIXED if e.scope == "leaf"], ids=str)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_per_leaf_non_finite_leaf_passes_others_are_clipped(entry, bad):
   # Per-leaf rules decide per leaf: the leaf whose norm is not finite passes through,

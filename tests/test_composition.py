@@ -173,7 +173,7 @@ def test_inject_hyperparams_changes_take_effect_under_jit(entry):
 @pytest.mark.parametrize("entry", ENTRIES, ids=str)
 def test_inject_hyperparams_with_unchanged_values_equals_the_plain_transform(entry):
   plain = entry.build()
-  injected = optax.inject_hyperparams(entry.make)(**entry.kwargs)
+  injected = optax.inject_hyperparams(entry.make, static_args=entry.static_args)(**entry.kwargs)
   params = {"a": jnp.ones((3,)), "b": jnp.full((2, 2), 2.0)}
   rng = np.random.default_rng(8)
   p_state, i_state = plain.init(params), injected.init(params)
@@ -191,6 +191,10 @@ def test_inject_hyperparams_with_unchanged_values_equals_the_plain_transform(ent
   names = {entry.name} if entry.inner is None else {k.split("/")[0] for k in expected}
   clipper_fields = {f"{n}/{f}" for n in names - {"skip_spikes"}
                     for f in ("norm", "threshold", "scale", "clipped", "finite")}
+  if entry.groups:  # the total norm, and each group's statistics
+    clipper_fields = {f"{entry.name}/norm"} | {
+        name for f in ("norm", "threshold", "scale", "clipped", "finite")
+        for name in entry.stat_names(f)}
   skip_fields = {f"skip_spikes/{f}" for f in ("norm", "loss", "threshold", "skipped", "skips")}
   assert set(stats) == clipper_fields | (skip_fields if entry.skips else set())
   assert_tree_close(stats, expected, rtol=1e-6)

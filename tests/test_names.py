@@ -20,6 +20,10 @@ FACTORIES = {
     "adagc": lambda **kw: clipjax.adagc(warmup_steps=2, **kw),
     "quantile_clip": lambda **kw: clipjax.quantile_clip(**kw),
     "skip_spikes": lambda **kw: clipjax.skip_spikes(optax.sgd(0.1), window=4, **kw),
+    "clip_by_group_norm": lambda **kw: clipjax.clip_by_group_norm(
+        {"matrix": 1.0, "vector": None}, {"w": "matrix", "b": "vector"}, **kw),
+    "clip_by_rolling_norm": lambda **kw: clipjax.clip_by_rolling_norm(4, min_history=2, **kw),
+    "stable_spam_clip": lambda **kw: clipjax.stable_spam_clip(**kw),
 }
 GRADS = {"w": jnp.asarray(np.arange(6.0).reshape(2, 3) - 2.0, jnp.float32),
          "b": jnp.asarray([3.0, -4.0, 0.5], jnp.float32)}

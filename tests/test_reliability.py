@@ -395,13 +395,15 @@ def test_floors_must_be_finite():
 def test_replicated_must_hold_bools_for_every_transform(name):
   factory = getattr(clipjax, name)
   with pytest.raises(ValueError, match="replicated='yes'"):
-    if name in ("global_norm", "leaf_norms", "norms_by_path"):
+    if name in ("global_norm", "leaf_norms", "norms_by_path", "get_total_norm"):
       factory({"a": jnp.ones(2)}, replicated="yes")
     elif name in ("clip_by_norm", "clip_by_global_norm", "clip_by_block_rms",
                   "adaptive_grad_clip"):
       factory(0.5, replicated="yes")
     elif name == "skip_spikes":
       factory(optax.identity(), replicated="yes")
+    elif name == "clip_by_group_norm":
+      factory(0.5, lambda tree: tree, replicated="yes")
     else:
       factory(replicated="yes")
 

@@ -225,8 +225,9 @@ def _check_follows(tx, entry, schedule):
     expected = float(schedule(t))
     np.testing.assert_allclose(entry.measure(updates), expected, rtol=F32_RTOL)
     stats = clipjax.clip_stats(state)
-    np.testing.assert_allclose(float(stats[f"{entry.name}/threshold"]), expected, rtol=F32_RTOL)
-    assert bool(stats[f"{entry.name}/clipped"])
+    for threshold, clipped in zip(entry.stat_names("threshold"), entry.stat_names("clipped")):
+      np.testing.assert_allclose(float(stats[threshold]), expected, rtol=F32_RTOL)
+      assert bool(stats[clipped])
 
 
 @pytest.mark.parametrize("schedule", list(_SCHEDULES))

@@ -195,3 +195,113 @@ def test_clip_grad_value_bad_argument_names_itself():
     clipjax.clip_grad_value({"w": jnp.ones(2)}, -1.0)
   with pytest.raises(ValueError, match="clip_value=.* must be a number, not a schedule"):
     clipjax.clip_grad_value({"w": jnp.ones(2)}, lambda count: 1.0)
+
+
+# get_total_norm and clip_grads_with_norm (torch >= 2.6) ----------------------------------
+
+
+def torch_get_total_norm(grads, norm_type=2.0):
+  """``torch.nn.utils.get_total_norm`` in float64: the norm of the per-tensor norms."""
+  leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+  if not leaves:
+    return 0.0
+  norm_type = float(norm_type)
+  norms = [np.linalg.norm(g.ravel(), norm_type) for g in leaves]
+  return float(np.linalg.norm(np.array(norms), norm_type))
+
+
+def torch_clip_grads_with_norm(grads, max_norm, total_norm):
+  """``torch.nn.utils.clip_grads_with_norm_`` in float64."""
+  clip_coef = max_norm / (total_norm + 1e-6)
+  clip_coef_clamped = min(clip_coef, 1.0)  # torch.clamp(clip_coef, max=1.0)
+  return [np.asarray(g, np.float64) * clip_coef_clamped for g in jax.tree.leaves(grads)]
+
+
+@pytest.mark.parametrize("dtype", list(RTOL))
+@pytest.mark.parametrize("ord", ORDS)
+def test_get_total_norm_matches_torch(ord, dtype):
+  grads = random_grads(6, dtype, scale=2.0)
+  total_norm = clipjax.get_total_norm(grads, ord)
+  assert total_norm.dtype == jnp.float32
+  np.testing.assert_allclose(float(total_norm), torch_get_total_norm(grads, ord), rtol=2e-6)
+  assert float(clipjax.get_total_norm({})) == 0.0
+
+
+@pytest.mark.parametrize("dtype", list(RTOL))
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e3])  # zeroed, clipped, untouched
+def test_clip_grads_with_norm_matches_torch(dtype, max_norm):
+  grads = random_grads(7, dtype, scale=2.0)
+  total_norm = clipjax.get_total_norm(grads)
+  clipped = clipjax.clip_grads_with_norm(grads, max_norm, total_norm)
+  assert [x.dtype for x in jax.tree.leaves(clipped)] == [dtype] * 3
+  expected = torch_clip_grads_with_norm(grads, max_norm, float(total_norm))
+  _assert_leaves_close(clipped, expected, rtol=RTOL[dtype])
+  if max_norm == 1e3:  # the coefficient is clamped to 1: the gradients come back unchanged
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_clip_grads_with_norm_uses_torchs_epsilon_and_never_scales_up():
+  grads = {"w": jnp.array([3.0, 4.0])}
+  out = clipjax.clip_grads_with_norm(grads, 1.0, 5.0)["w"]
+  np.testing.assert_allclose(np.asarray(out, np.float64), np.array([3.0, 4.0]) / (5.0 + 1e-6),
+                             rtol=1e-7)
+  # A norm given below the true one (or zero) would ask for a factor above 1: clamped.
+  for total_norm in (0.0, 0.1, 0.9):
+    np.testing.assert_array_equal(clipjax.clip_grads_with_norm(grads, 1.0, total_norm)["w"],
+                                  grads["w"])
+  # One norm measured for two trees: both scaled by the same factor.
+  other = {"v": jnp.array([1.0, 1.0])}
+  total_norm = clipjax.get_total_norm((grads, other))
+  a, b = clipjax.clip_grads_with_norm((grads, other), 1.0, total_norm)
+  np.testing.assert_allclose(a["w"] / grads["w"], b["v"] / other["v"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_clip_grads_with_a_nonfinite_norm_returns_the_gradients_unscaled(bad):
+  grads = random_grads(8)
+  out = clipjax.clip_grads_with_norm(grads, 1.0, bad)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_get_total_norm_and_clip_grads_with_norm_under_jit():
+  grads = random_grads(9, scale=2.0)
+  step = jax.jit(lambda g, m: clipjax.clip_grads_with_norm(g, m, clipjax.get_total_norm(g)))
+  expected = torch_clip_grads_with_norm(grads, 0.5, torch_get_total_norm(grads))
+  _assert_leaves_close(step(grads, jnp.float32(0.5)), expected, rtol=2e-6)
+
+
+def test_clip_grad_norm_is_get_total_norm_with_the_exact_rule():
+  """One code path: the same norm as get_total_norm, and the factor max_norm / norm."""
+  grads = random_grads(10, scale=2.0)
+  clipped, total_norm = clipjax.clip_grad_norm(grads, 0.5)
+  assert float(total_norm) == float(clipjax.get_total_norm(grads))
+  torch_style = clipjax.clip_grads_with_norm(grads, 0.5, total_norm)
+  for a, b, g in zip(jax.tree.leaves(clipped), jax.tree.leaves(torch_style),
+                     jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a) / np.asarray(g), 0.5 / float(total_norm), rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(b) / np.asarray(g), 0.5 / (float(total_norm) + 1e-6),
+                               rtol=2e-6)
+
+
+def test_clip_grads_with_norm_checks_its_arguments():
+  with pytest.raises(ValueError, match="max_norm=-1.0 must be >= 0"):
+    clipjax.clip_grads_with_norm({"w": jnp.ones(2)}, -1.0, 1.0)
+  with pytest.raises(TypeError, match=r"updates\['w'\] has dtype int32"):
+    clipjax.clip_grads_with_norm({"w": jnp.ones(2, jnp.int32)}, 1.0, 1.0)
+  with pytest.raises(ValueError, match="norm_type=3 must be 1, 2 or inf"):
+    clipjax.get_total_norm({"w": jnp.ones(2)}, 3)
+
+
+def test_against_torch_when_installed():
+  torch = pytest.importorskip("torch")
+  grads = random_grads(11, scale=2.0)
+  tensors = [torch.tensor(np.asarray(g, np.float64)) for g in jax.tree.leaves(grads)]
+  for ord in ORDS:
+    expected = float(torch.nn.utils.get_total_norm(tensors, norm_type=ord))
+    np.testing.assert_allclose(float(clipjax.get_total_norm(grads, ord)), expected, rtol=2e-6)
+  total_norm = torch.nn.utils.get_total_norm(tensors)
+  torch.nn.utils.clip_grads_with_norm_(tensors, 0.5, total_norm)
+  out = clipjax.clip_grads_with_norm(grads, 0.5, clipjax.get_total_norm(grads))
+  _assert_leaves_close(out, [t.numpy() for t in tensors], rtol=2e-6)
