@@ -190,8 +190,8 @@ def clip_by_group_norm(max_norms: Mapping[str, Threshold | None] | Threshold,
       norm = _norms.global_norm(norms.leaves[members], ord)
       high = _base.resolve(threshold_of(label), state.clip_count)
       scale, clipped, finite = _base.scale_rule(norm, high)
-      stats[label] = _base.make_stats(norm, jnp.inf if high is None else high, scale, clipped,
-                                      finite)
+      shown = _base.initial_threshold(None) if high is None else high  # None: measured only
+      stats[label] = _base.make_stats(norm, shown, scale, clipped, finite)
       for i in members:
         factors[i] = scale
     return (_base.apply_scale(updates, factors),

@@ -312,7 +312,8 @@ def measure(tree: Any, ord: Any = 2, *, axis_name: AxisName = None,
                        sizes, tensors)
   ords = VALID_ORDS if isinstance(ord, jax.core.Tracer) else (ord,)
   options = [_local_rows(leaves, tensors.layers, o, acc, small) for o in ords]
-  pick = jnp.asarray(ord).astype(jnp.float32)
+  # Only a traced ord is picked at run time (and a concrete inf makes no inf array).
+  pick = jnp.asarray(ord).astype(jnp.float32) if len(ords) > 1 else None
   rows = options[0]
   for value, option in zip(ords[1:], options[1:]):
     rows = [tuple(jnp.where(pick == value, a, b) for a, b in zip(new, old))

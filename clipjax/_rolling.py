@@ -140,7 +140,7 @@ def clip_by_rolling_norm(window: int = 128, sigma_factor: float = 3.0, *,
     return ClipByRollingNormState(history=jnp.zeros((size,), _F32),
                                   position=jnp.zeros((), jnp.int32),
                                   filled=jnp.zeros((), jnp.int32),
-                                  clip_stats={name: _base.initial_stats(jnp.inf)})
+                                  clip_stats={name: _base.initial_stats(_base.initial_threshold(None))})
 
   def update_fn(updates, state, params=None):
     del params
@@ -152,8 +152,11 @@ def clip_by_rolling_norm(window: int = 128, sigma_factor: float = 3.0, *,
     mean, std = _mean_std(history, state.filled)
     sigma = _base.f32(sigma_factor)
     limit = _base.saturate(mean + sigma * jnp.maximum(std, _STD_FLOOR))
-    threshold = jnp.where(state.filled >= required, limit, jnp.inf)
-    scale, clipped, finite = _base.scale_rule(norm, threshold.astype(norm.dtype))
+    # "No threshold yet" is the largest value of the norm's dtype: no inf for
+    # jax_debug_infs, and no clipping of a finite float64 norm beyond float32's range.
+    threshold = jnp.where(state.filled >= required, limit.astype(norm.dtype),
+                          jnp.finfo(norm.dtype).max)
+    scale, clipped, finite = _base.scale_rule(norm, threshold)
     new = ClipByRollingNormState(
         history=history.at[state.position].set(_base.f32(norm)),
         position=(state.position + 1) % length,

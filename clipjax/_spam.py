@@ -181,10 +181,11 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
 
   def init_fn(params):
     n = sum(_layout.layout(params, layer_axis).counts)
-    zeros = jnp.zeros((n,), _F32)
-    return StableSpamState(max_ema=zeros, norm_ema=zeros, sq_norm_ema=zeros,
+    # One array per field: a donated state must not hold one buffer twice.
+    return StableSpamState(max_ema=jnp.zeros((n,), _F32), norm_ema=jnp.zeros((n,), _F32),
+                           sq_norm_ema=jnp.zeros((n,), _F32),
                            spam_step=jnp.zeros((), jnp.int32),
-                           clip_stats={name: _base.initial_stats(jnp.inf)})
+                           clip_stats={name: _base.initial_stats(_base.initial_threshold(None))})
 
   def update_fn(updates, state, params=None):
     del params
@@ -224,8 +225,9 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
       rows.append((jnp.sum(after_sq, axis=axes), jnp.sum(before_sq, axis=axes)))
     sums = jnp.stack([_flat([a for a, _ in rows]), _flat([b for _, b in rows])])
     if axis_name is not None:
-      shared = layout.per_tensor(np.asarray(_layout.replicated_mask(updates, replicated)))
-      sums = _norms.all_reduce(sums, axis_name, shared=shared[None, :])
+      same = _layout.replicated_axes(updates, replicated, axis_name)
+      sums = _norms.all_reduce(sums, axis_name,
+                               shared=_norms.shared_masks(same, axis_name, layout.counts))
     after = unit * _partials.safe_sqrt(sums[0])  # a zero tensor: a finite derivative
     total = _norms.global_norm(unit * _partials.safe_sqrt(sums[1]))
     norm_ema = moving(g1, state.norm_ema, after)
@@ -238,8 +240,7 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
     factors = jnp.where(finite, factors, jnp.ones((), acc))
     changed = jnp.any(largest.leaves > bound) | jnp.any(factors != 1.0)
     threshold = _norms.global_norm(jnp.where(nonzero, target, 0.0))
-    smallest = jnp.min(factors, initial=jnp.inf)
-    smallest = jnp.where(jnp.isfinite(smallest), smallest, jnp.ones((), acc))
+    smallest = jnp.min(factors) if factors.size else jnp.ones((), acc)
     stats = _base.make_stats(total, threshold, smallest, finite & changed, finite)
     # A tensor whose gradient is zero keeps its averages.
     keep = lambda new, old: jnp.where(largest.leaves > 0, _base.saturate(_base.f32(new)), old)
