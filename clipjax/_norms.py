@@ -115,8 +115,17 @@ def _total_rows(leaves: Sequence[jax.Array], ord: Ord, acc: jnp.dtype, small: bo
   return _xla.materialized(jnp.stack([plain, shrunk, grown]))
 
 
-def _flat(parts: Sequence[jax.Array]) -> jax.Array:
-  """Per-leaf values (scalars or vectors) as one ``[n_tensors]`` vector."""
+def flat(parts: Sequence[jax.Array]) -> jax.Array:
+  """Per-leaf values (scalars or per-slice vectors) as one ``[n_tensors]`` vector.
+
+  A part sharded on an Explicit mesh (one value per slice of a sharded layer
+  axis) is replicated first: explicit sharding joins only arrays of one
+  sharding, and these are a few scalars per slice.
+  """
+  parts = [jax.sharding.reshard(p, jax.sharding.PartitionSpec()) if _layout.is_sharded(p)
+           else p for p in parts]
+  if not parts:
+    return jnp.zeros((0,), jnp.float32)
   if all(jnp.ndim(p) == 0 for p in parts):
     return jnp.stack(parts)
   return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
@@ -125,7 +134,7 @@ def _flat(parts: Sequence[jax.Array]) -> jax.Array:
 def _stacked(rows: list[Rows]) -> jax.Array:
   """The rows of every leaf as one ``[3, n_tensors]`` array."""
   rows = [_replicated(r) for r in rows]
-  return jnp.stack([_flat([r[i] for r in rows]) for i in range(3)])
+  return jnp.stack([flat([r[i] for r in rows]) for i in range(3)])
 
 
 def _replicated(rows: Rows) -> Rows:

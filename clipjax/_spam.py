@@ -80,13 +80,6 @@ def _clipped_squares(g: jax.Array, bound: jax.Array, ratio: jax.Array,
   return jnp.where(before > cut * cut, before * (ratio * ratio).astype(y.dtype), before), before
 
 
-def _flat(parts: list[jax.Array]) -> jax.Array:
-  """Per-leaf values (scalars or per-slice vectors) as one ``[n_tensors]`` vector."""
-  if not parts:
-    return jnp.zeros((0,), _F32)
-  return jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
-
-
 @_docs.fill
 def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 0.9,
                      eps: float = 1e-8, *, layer_axis: Any = None,
@@ -223,7 +216,7 @@ def stable_spam_clip(theta: float = 0.999, gamma1: float = 0.7, gamma2: float = 
       after_sq, before_sq = _clipped_squares(g, b, r, 1.0 / u)
       axes = tuple(i for i in range(g.ndim) if i != layer)
       rows.append((jnp.sum(after_sq, axis=axes), jnp.sum(before_sq, axis=axes)))
-    sums = jnp.stack([_flat([a for a, _ in rows]), _flat([b for _, b in rows])])
+    sums = jnp.stack([_norms.flat([a for a, _ in rows]), _norms.flat([b for _, b in rows])])
     if axis_name is not None:
       same = _layout.replicated_axes(updates, replicated, axis_name)
       sums = _norms.all_reduce(sums, axis_name,
