@@ -154,7 +154,8 @@ def autoclip(percentile: float = 10.0, history: int = 1024, *,
     stats = _base.make_stats(norm, threshold, scale, clipped, finite)
     new = AutoclipState(history=buffer, position=(state.position + 1) % length, filled=filled,
                         clip_stats={name: stats})
-    return _base.apply_scale(updates, scale), _base.taken_into(norm, new, state)
+    return (_base.apply_scale(updates, _base.ratio_rule(norm, threshold)),
+            _base.taken_into(norm, new, state))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -281,13 +282,18 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     leaf_norms, acc = norms.leaves, norms.leaves.dtype
     warm = state.warmup_count < jnp.asarray(warmup_steps).astype(jnp.int32)
     lam_abs = _base.f32(lambda_abs)
-    global_scale, _, finite = _base.scale_rule(norms.total, lam_abs.astype(acc))
+    finite = jnp.isfinite(norms.total)
     known = jnp.asarray(state.gamma) > 0  # a tensor without history is not clipped
     relative = _base.f32(lambda_rel) * state.gamma
-    leaf_scales, _, _ = _base.scale_rule(leaf_norms, relative.astype(acc))
-    leaf_scales = jnp.where(known, leaf_scales, jnp.ones((), acc))
-    scales = jnp.where(warm, global_scale, leaf_scales)
-    scales = jnp.where(finite, scales, jnp.ones((), acc))
+    one = jnp.ones((), acc)
+
+    def chosen(whole, own):  # the global factor in warm-up, then each tensor's own
+      return jnp.where(finite, jnp.where(warm, whole, jnp.where(known, own, one)), one)
+
+    whole = _base.ratio_rule(norms.total, lam_abs.astype(acc))
+    own = _base.ratio_rule(leaf_norms, relative.astype(acc))
+    factors = _base.Ratio(chosen(whole.num, own.num), chosen(whole.den, own.den))
+    scales = factors.num / factors.den
     bound = _norms.global_norm(relative.astype(acc))  # overflow-safe, like every norm
     # Unbounded while some tensor has no history: float32's maximum, no threshold.
     bound = jnp.where(jnp.all(known), bound, jnp.asarray(jnp.finfo(_F32).max, acc))
@@ -297,7 +303,7 @@ def adagc(lambda_abs: float = 1.0, lambda_rel: float = 1.05, beta: float = 0.98,
     gamma = tracked(jnp.asarray(state.gamma), leaf_norms, scales * leaf_norms, warm)
     new = AdagcState(gamma=gamma, warmup_count=_base.next_count(state.warmup_count),
                      clip_stats={name: stats})
-    return (_base.apply_scale(updates, scales, norms.layout),
+    return (_base.apply_scale(updates, factors, norms.layout),
             _base.taken_into(norms.total, new, state))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -387,6 +393,7 @@ def quantile_clip(target_quantile: float = 0.9, learning_rate: float = 0.2,
     moved = _base.saturate(jnp.maximum(moved, _TINY))
     new = QuantileClipState(clip_norm=moved,
                             clip_stats={name: _base.make_stats(norm, c, scale, clipped, finite)})
-    return _base.apply_scale(updates, scale), _base.taken_into(norm, new, state)
+    return (_base.apply_scale(updates, _base.ratio_rule(norm, c.astype(norm.dtype))),
+            _base.taken_into(norm, new, state))
 
   return optax.GradientTransformation(init_fn, update_fn)

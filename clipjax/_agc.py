@@ -149,7 +149,7 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: Axes = None) -> jax.Array:
 class _Units(NamedTuple):
   """AGC's decision for every unit of one leaf (arrays of the unit sums' shape)."""
 
-  scale: jax.Array  # factor applied to the unit's gradient
+  factor: _base.Ratio  # applied to the unit's gradient: limit·max(‖W‖, eps) / ‖G‖, or 1
   clipped: jax.Array  # bool
   finite: jax.Array  # bool, the unit's gradient norm is finite
   ratio: jax.Array  # ‖G‖ / max(‖W‖, eps)
@@ -177,14 +177,16 @@ def _paired(updates: Any, params: Any) -> tuple[list[jax.Array], list[jax.Array]
 def _decide(g_norm: jax.Array, w_norm: jax.Array, limit: jax.Array, eps: jax.Array) -> _Units:
   """Scales each unit with ``‖G‖ / max(‖W‖, eps) > limit`` down to that ratio."""
   w_norm = jnp.maximum(w_norm, eps)
-  scale, clipped, finite = _base.scale_rule(g_norm, limit * w_norm)
+  factor = _base.ratio_rule(g_norm, limit * w_norm)
+  finite = jnp.isfinite(g_norm)
+  clipped = finite & (factor.num / factor.den != 1.0)
   positive = w_norm > 0
   # A zero weight (eps=0) gives inf for a nonzero gradient, else 0. The inf is g/0
   # where it is chosen, not a constant, so healthy input makes none (jax_debug_infs).
   zero, one = jnp.zeros((), g_norm.dtype), jnp.ones((), g_norm.dtype)
   ratio = g_norm / jnp.where(positive, w_norm, jnp.where(g_norm > 0, zero, one))
   ratio = jnp.where(positive | (g_norm > 0), ratio, zero)
-  return _Units(scale, clipped, finite, ratio)
+  return _Units(factor, clipped, finite, ratio)
 
 
 def _summary(g_norms: list[jax.Array], w_norms: list[jax.Array], limit: jax.Array,
@@ -204,7 +206,7 @@ def _summary(g_norms: list[jax.Array], w_norms: list[jax.Array], limit: jax.Arra
 
   f32 = jnp.float32
   largest = fold(jnp.maximum, [jnp.max(u.ratio, initial=0.0).astype(f32) for u in units], 0.0)
-  smallest = fold(jnp.minimum, [jnp.min(u.scale, initial=1.0).astype(f32) for u in units], 1.0)
+  smallest = fold(jnp.minimum, [jnp.min(u.factor.num / u.factor.den, initial=1.0).astype(f32) for u in units], 1.0)
   clipped = fold(jnp.logical_or, [jnp.any(u.clipped) for u in units], False)
   finite = fold(jnp.logical_and, [jnp.all(u.finite) for u in units], True)
   return _base.make_stats(largest, threshold, smallest, clipped, finite)
@@ -301,7 +303,7 @@ def adaptive_grad_clip(clipping: Threshold, eps: float = 1e-3, axis: Axes = None
     acc = _partials.accumulation_dtype(grads + weights)
     high, floor = limit.astype(acc), jnp.asarray(eps).astype(acc)
     g_norms, w_norms = norms[:len(grads)], norms[len(grads):]
-    out = [_base.scale_leaf(g, _decide(gn, wn, high, floor).scale)
+    out = [_base.scale_leaf(g, _decide(gn, wn, high, floor).factor)
            for g, gn, wn in zip(grads, g_norms, w_norms)]
     stats = _summary(g_norms, w_norms, high, floor, limit)
     return (jax.tree.unflatten(treedef, out),

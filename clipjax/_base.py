@@ -117,59 +117,81 @@ def next_count(count: jax.Array) -> jax.Array:
 # Decide and apply -------------------------------------------------------------
 
 
-def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
-               min_norm: jax.typing.ArrayLike | None = None
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The factor that brings ``norm`` into ``[min_norm, max_norm]``.
+class Ratio(NamedTuple):
+  """A factor ``num / den`` kept as its two parts, so that its derivative stays in range.
 
-  ``scale = max_norm / norm`` when ``norm > max_norm``; ``min_norm / norm`` when
-  ``0 < norm < min_norm`` (and that factor is finite in the norm's dtype); else 1.
-  A zero norm keeps scale 1 (zero stays zero, whatever the thresholds, with no
-  0/0); a NaN or inf norm keeps scale 1 (the updates pass through and
-  ``finite`` is False). Works elementwise, so ``norm`` may hold one norm per
-  leaf.
+  ``d(num/den)`` holds ``num/den²``, which leaves float32's range long before
+  the factor itself does (a norm of 1e20 clipped to 1). :func:`scale_leaf`
+  applies a ratio with a derivative written as ``(x/den)·(dnum − s·dden)``,
+  whose parts are all in range for a norm ``den`` of ``x``.
+  """
 
-  Returns:
-    ``(scale, clipped, finite)``, shaped like ``norm``.
+  num: jax.Array
+  den: jax.Array
+
+
+def ratio_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
+               min_norm: jax.typing.ArrayLike | None = None) -> Ratio:
+  """The factor that brings ``norm`` into ``[min_norm, max_norm]``, as a :class:`Ratio`.
+
+  ``max_norm / norm`` when ``norm > max_norm``; ``min_norm / norm`` when
+  ``0 < norm < min_norm`` (and that factor is finite in the norm's dtype); else
+  ``1 / 1``. A zero norm keeps factor 1 (zero stays zero, whatever the
+  thresholds, with no 0/0); a NaN or inf norm keeps factor 1 (the updates pass
+  through). Works elementwise, so ``norm`` may hold one norm per leaf.
   """
   finite = jnp.isfinite(norm)
   positive = norm > 0
-  safe = jnp.where(positive & finite, norm, jnp.ones((), norm.dtype))
   one = jnp.ones((), norm.dtype)
-  scale = one
-  # Each quotient's numerator is also taken where it is selected, so an unselected
-  # inf threshold (max_norm=inf: no clipping) cannot give inf·0 = NaN derivatives.
+  safe = jnp.where(positive & finite, norm, one)
+  # Each part is selected where it is used, so an unselected inf threshold
+  # (max_norm=inf: no clipping) cannot give inf·0 = NaN derivatives.
+  num, den = one, one
   if min_norm is not None:
     low = jnp.asarray(min_norm).astype(norm.dtype)
     # Lift only where the factor low / norm is representable (norm >= low / max):
     # a norm below that (e.g. 1e-38 lifted to 4) passes through like zero.
     liftable = norm * jnp.asarray(jnp.finfo(norm.dtype).max, norm.dtype) >= low
     lift = positive & (norm < low) & liftable
-    scale = jnp.where(lift, jnp.where(lift, low, one) / safe, scale)
+    num, den = jnp.where(lift, low, num), jnp.where(lift, safe, den)
   if max_norm is not None:
     high = jnp.asarray(max_norm).astype(norm.dtype)
     cut = norm > high
-    scale = jnp.where(cut, jnp.where(cut, high, one) / safe, scale)
-  scale = jnp.where(finite, scale, one)
-  clipped = finite & (scale != one)
-  return jnp.broadcast_to(scale, norm.shape), clipped, finite
+    num, den = jnp.where(cut, high, num), jnp.where(cut, safe, den)
+  num, den = jnp.where(finite, num, one), jnp.where(finite, den, one)
+  return Ratio(jnp.broadcast_to(num, norm.shape), jnp.broadcast_to(den, norm.shape))
+
+
+def scale_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
+               min_norm: jax.typing.ArrayLike | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`ratio_rule`'s factor as one array, and what it did.
+
+  Returns:
+    ``(scale, clipped, finite)``, shaped like ``norm``: ``clipped`` where the
+    factor is not 1, ``finite`` where the norm is finite.
+  """
+  ratio = ratio_rule(norm, max_norm, min_norm)
+  scale = ratio.num / ratio.den
+  finite = jnp.isfinite(norm)
+  return scale, finite & (scale != jnp.ones((), norm.dtype)), finite
 
 
 def apply_scale(updates: Any, scales: Any, layout: _layout.Layout | None = None) -> Any:
   """Multiplies each leaf by its scale; the result keeps the leaf's dtype.
 
-  ``scales`` is a scalar (one factor for the whole tree); or a sequence with
-  one entry per leaf in ``jax.tree.leaves`` order (a scalar, or with a
-  ``layout`` that gives the leaf a layer axis, a vector of one factor per
-  slice); or a vector of one factor per tensor. Half-precision leaves are
-  multiplied in float32 and cast back, so a small factor cannot underflow in
-  float16 before it is applied.
+  A scale is an array or a :class:`Ratio`. ``scales`` is a scalar one (one
+  factor for the whole tree); or a sequence with one entry per leaf in
+  ``jax.tree.leaves`` order (a scalar, or with a ``layout`` that gives the leaf
+  a layer axis, a vector of one factor per slice); or a vector of one factor
+  per tensor. Half-precision leaves are multiplied in float32 and cast back,
+  so a small factor cannot underflow in float16 before it is applied.
   """
   leaves, treedef = jax.tree.flatten(updates)
   leaves = [jnp.asarray(g) for g in leaves]
-  if not isinstance(scales, (list, tuple)) and jnp.ndim(scales) == 0:
-    return jax.tree.unflatten(treedef, [scale_leaf(g, scales) for g in leaves])
-  if not isinstance(scales, (list, tuple)):
+  if isinstance(scales, Ratio) or not isinstance(scales, list | tuple):
+    if jnp.ndim(_first(scales)) == 0:
+      return jax.tree.unflatten(treedef, [scale_leaf(g, scales) for g in leaves])
     scales = _per_leaf_scales(scales, layout, len(leaves))
   layers = layout.layers if layout is not None else (None,) * len(leaves)
   out = []
@@ -177,19 +199,26 @@ def apply_scale(updates: Any, scales: Any, layout: _layout.Layout | None = None)
     if layer is not None:
       shape = [1] * g.ndim
       shape[layer] = g.shape[layer]
-      scale = jnp.reshape(scale, shape)
+      scale = jax.tree.map(lambda s, shape=shape: jnp.reshape(s, shape), scale)
     out.append(scale_leaf(g, scale))
   return jax.tree.unflatten(treedef, out)
 
 
-def _per_leaf_scales(scales: jax.Array, layout: _layout.Layout | None, n: int) -> list[jax.Array]:
-  """A ``[n_tensors]`` vector of factors cut into each leaf's part."""
+def _first(scale: Any) -> jax.Array:
+  return scale.num if isinstance(scale, Ratio) else scale
+
+
+def _per_leaf_scales(scales: Any, layout: _layout.Layout | None, n: int) -> list[Any]:
+  """A ``[n_tensors]`` vector of factors (or a :class:`Ratio` of two) cut into each leaf's part."""
   # Computed once: otherwise XLA fuses the whole vector's rule into every leaf.
-  scales = _xla.materialized(jnp.asarray(scales))
+  scales = jax.tree.map(lambda s: _xla.materialized(jnp.asarray(s)), scales)
+
+  def part(start, count, layer):
+    return jax.tree.map(lambda s: s[start] if layer is None else s[start:start + count], scales)
+
   if layout is None:
-    return [scales[i] for i in range(n)]
-  return [scales[start] if layer is None else scales[start:start + count]
-          for start, count, layer in zip(layout.starts, layout.counts, layout.layers)]
+    return [part(i, 1, None) for i in range(n)]
+  return [part(*span) for span in zip(layout.starts, layout.counts, layout.layers)]
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -199,12 +228,37 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   return jnp.dtype(dtype)
 
 
-def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
-  """``leaf * scale`` computed in at least float32, returned in ``leaf.dtype``."""
+def scale_leaf(leaf: jax.Array, scale: Any) -> jax.Array:
+  """``leaf * scale`` computed in at least float32, returned in ``leaf.dtype``.
+
+  ``scale`` is an array, or a :class:`Ratio` (see :func:`_times_ratio`).
+  """
+  if isinstance(scale, Ratio):
+    return _times_ratio(leaf, scale.num, scale.den)
   compute = compute_dtype(leaf.dtype)
   if compute == leaf.dtype:
     return leaf * jnp.asarray(scale).astype(leaf.dtype)
   return (leaf.astype(compute) * jnp.asarray(scale).astype(compute)).astype(leaf.dtype)
+
+
+@jax.custom_jvp
+def _times_ratio(leaf: jax.Array, num: jax.Array, den: jax.Array) -> jax.Array:
+  """``leaf · (num / den)``, the product :func:`scale_leaf` computes for a plain factor."""
+  return scale_leaf(leaf, num / den)
+
+
+@_times_ratio.defjvp
+def _times_ratio_jvp(primals, tangents):
+  # d(x·num/den) = s·dx + (x/den)·(dnum − s·dden), s = num/den: every part is in
+  # range where num/den² is not (|x| <= den when den is a norm of x).
+  leaf, num, den = primals
+  d_leaf, d_num, d_den = tangents
+  scale = num / den
+  compute = compute_dtype(leaf.dtype)
+  unit = leaf.astype(compute) / den.astype(compute)
+  change = (d_num - scale * d_den).astype(compute)
+  tangent = d_leaf.astype(compute) * scale.astype(compute) + unit * change
+  return scale_leaf(leaf, scale), tangent.astype(leaf.dtype)
 
 
 # The state an update starts from ---------------------------------------------------

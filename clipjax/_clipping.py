@@ -245,7 +245,7 @@ def clip_by_norm(max_norm: Threshold, *, min_norm: Threshold | None = None,
       stats = LeafClipStats(*stats, clipped_fraction=jnp.mean(clipped.astype(jnp.float32)),
                             leaf_norms=_leaf_norms_by_path(updates, norms.leaves, norms.layout))
     # Each leaf's factor from its own norm: the rule fuses into that leaf's multiply.
-    factors = [_base.scale_rule(norm, high, low)[0] for norm in norms.per_leaf]
+    factors = [_base.ratio_rule(norm, high, low) for norm in norms.per_leaf]
     return (_base.apply_scale(updates, factors, norms.layout),
             ClipByNormState(_base.next_count(state.clip_count), {name: stats}))
 
@@ -328,7 +328,7 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
                           small=low is not None, per_leaf=False).total
     scale, clipped, finite = _base.scale_rule(norm, high, low)
     stats = _base.make_stats(norm, high, scale, clipped, finite)
-    return (_base.apply_scale(updates, scale),
+    return (_base.apply_scale(updates, _base.ratio_rule(norm, high, low)),
             ClipByGlobalNormState(_base.next_count(state.clip_count), {name: stats}))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -395,7 +395,7 @@ def clip_by_block_rms(threshold: Threshold, *, axis_name: _norms.AxisName = None
     sizes = np.maximum(norms.sizes, 1)
     rms = norms.leaves / jnp.sqrt(jnp.asarray(sizes, norms.leaves.dtype))
     scales, clipped, finite = _base.scale_rule(rms, high)
-    factors = [_base.scale_rule(norm / jnp.sqrt(jnp.asarray(sizes[start], norm.dtype)), high)[0]
+    factors = [_base.ratio_rule(norm / jnp.sqrt(jnp.asarray(sizes[start], norm.dtype)), high)
                for norm, start in zip(norms.per_leaf, norms.layout.starts)]
     stats = _per_leaf_stats(rms, high, scales, clipped, finite)
     return (_base.apply_scale(updates, factors, norms.layout),

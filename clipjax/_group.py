@@ -183,7 +183,7 @@ def clip_by_group_norm(max_norms: Mapping[str, Threshold | None] | Threshold,
         _check_covered(label, thresholds)
     norms = _norms.measure(updates, ord, axis_name=axis_name, replicated=replicated)
     stats: dict[str, Any] = {_TOTAL: _base.f32(norms.total)}
-    factors: list[jax.Array | None] = [None] * len(labels)
+    factors: list[_base.Ratio | None] = [None] * len(labels)
     for label in group_labels(updates):
       members = np.flatnonzero(np.asarray(labels) == label) if labels else np.zeros(0, int)
       # The group's norm from its leaves' norms: local arrays, no second collective.
@@ -193,7 +193,7 @@ def clip_by_group_norm(max_norms: Mapping[str, Threshold | None] | Threshold,
       shown = _base.initial_threshold(None) if high is None else high  # None: measured only
       stats[label] = _base.make_stats(norm, shown, scale, clipped, finite)
       for i in members:
-        factors[i] = scale
+        factors[i] = _base.ratio_rule(norm, high)
     return (_base.apply_scale(updates, factors),
             ClipByGroupNormState(_base.next_count(state.clip_count), {name: stats}))
 

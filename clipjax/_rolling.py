@@ -162,6 +162,7 @@ def clip_by_rolling_norm(window: int = 128, sigma_factor: float = 3.0, *,
         position=(state.position + 1) % length,
         filled=jnp.minimum(_base.next_count(state.filled), length),
         clip_stats={name: _base.make_stats(norm, threshold, scale, clipped, finite)})
-    return _base.apply_scale(updates, scale), _base.taken_into(norm, new, state)
+    return (_base.apply_scale(updates, _base.ratio_rule(norm, threshold)),
+            _base.taken_into(norm, new, state))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -160,8 +160,7 @@ def clip_grad_norm(grads: Any, max_norm: float | jax.Array, norm_type: float | s
   if error_if_nonfinite:
     _check_finite(total_norm, _shown(norm_type))
   # clipjax's rule: the factor that brings total_norm to max_norm exactly, never above 1.
-  scale, _, _ = _base.scale_rule(total_norm, jnp.asarray(max_norm))
-  return _scaled(grads, scale, total_norm), total_norm
+  return _scaled(grads, _base.ratio_rule(total_norm, jnp.asarray(max_norm)), total_norm), total_norm
 
 
 @_docs.fill
@@ -247,17 +246,20 @@ def clip_grads_with_norm(grads: Any, max_norm: float | jax.Array,
   if not jnp.issubdtype(total.dtype, jnp.floating):
     total = total.astype(jnp.float32)
   total = total.astype(_base.compute_dtype(total.dtype))
-  coefficient = jnp.asarray(max_norm).astype(total.dtype) / (
-      total + jnp.asarray(_TORCH_EPS, total.dtype))
-  return _scaled(grads, jnp.minimum(coefficient, jnp.ones((), total.dtype)), total)
+  # torch's min(max_norm / (total + 1e-6), 1), as a Ratio for its derivative.
+  high = jnp.asarray(max_norm).astype(total.dtype)
+  den = total + jnp.asarray(_TORCH_EPS, total.dtype)
+  cut, one = high < den, jnp.ones((), total.dtype)
+  return _scaled(grads, _base.Ratio(jnp.where(cut, high, one), jnp.where(cut, den, one)), total)
 
 
-def _scaled(grads: Any, scale: jax.Array, total_norm: jax.Array) -> Any:
+def _scaled(grads: Any, scale: _base.Ratio, total_norm: jax.Array) -> Any:
   """``grads`` times ``scale``, each leaf in its dtype; unscaled when ``total_norm`` is not finite.
 
   The one scaling step of :func:`clip_grad_norm` and :func:`clip_grads_with_norm`.
   """
-  scale = jnp.where(jnp.isfinite(total_norm), scale, jnp.ones((), scale.dtype))
+  finite = jnp.isfinite(total_norm)
+  scale = jax.tree.map(lambda s: jnp.where(finite, s, jnp.ones((), s.dtype)), scale)
   return _base.apply_scale(grads, scale)
 
 

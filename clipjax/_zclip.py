@@ -195,6 +195,6 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
     stats = _base.make_stats(x, boundary, scale, clipped, finite)
     new = ZclipState(mean=new_mean, var=new_var, warmup_count=_base.next_count(count),
                      clip_stats={name: stats})
-    return _base.apply_scale(updates, scale), _base.taken_into(x, new, state)
+    return _base.apply_scale(updates, _base.ratio_rule(x, high)), _base.taken_into(x, new, state)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -155,3 +155,28 @@ def test_layer_axis_that_does_not_fit_says_what_differs():
     clipjax.leaf_norms(tree, layer_axis={"blocks": 0})
   with pytest.raises(ValueError, match=r"entries at \['tail'\] that match no leaf"):
     clipjax.leaf_norms(tree, layer_axis={"blocks": 0, "head": None, "tail": None})
+
+
+def _clip_derivative(g: np.ndarray, high: float, low: float | None) -> np.ndarray:
+  """d/dg of sum(g · s) with s = high/‖g‖ above high, low/‖g‖ below low, in float64."""
+  n = np.linalg.norm(g)
+  unit = g / n
+  target = high if n > high else low if (low is not None and n < low) else None
+  if target is None:
+    return np.ones_like(g)
+  return target / n * (np.ones_like(g) - unit * unit.sum())
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-25, 1e-10, 1.0, 1e10, 1e20, 1e30])
+def test_derivatives_follow_the_formula_at_extreme_norms(magnitude):
+  g = np.array([3.0, -4.0]) * magnitude
+  cases = [(clipjax.clip_by_global_norm(1.0), 1.0, None),
+           (clipjax.clip_by_norm(1.0), 1.0, None)]
+  if magnitude < 1.0:
+    cases.append((clipjax.clip_by_global_norm(1e30, min_norm=0.5), 1e30, 0.5))
+  for tx, high, low in cases:
+    got = jax.grad(lambda x, tx=tx: jnp.sum(tx.update(x, tx.init(x))[0]))(jnp.asarray(g,
+                                                                                      jnp.float32))
+    np.testing.assert_allclose(got, _clip_derivative(g, high, low), rtol=2e-6)
+  got = jax.grad(lambda x: jnp.sum(clipjax.clip_grad_norm(x, 1.0)[0]))(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(got, _clip_derivative(g, 1.0, None), rtol=2e-6)
