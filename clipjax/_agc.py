@@ -23,7 +23,7 @@ from ._base import ClipStats, Threshold
 Axes = int | tuple[int, ...] | None
 
 
-class AdaptiveGradClipState(NamedTuple):
+class AdaptiveGradClipState(_base.CountState):
   """State of :func:`adaptive_grad_clip`: a step count and the last statistics.
 
   Its statistics describe the units (rows, filters, ...) of all leaves:
@@ -33,9 +33,7 @@ class AdaptiveGradClipState(NamedTuple):
   whether every unit's gradient norm was finite.
   """
 
-  clip_count: jax.Array  # [] int32, steps taken (read by a scheduled ``clipping``)
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
+  __slots__ = ()
 
 
 # Per-unit norms -------------------------------------------------------------------

@@ -62,6 +62,20 @@ class ClipStats(NamedTuple):
   finite: jax.Array  # [] bool, False when the measured norm was NaN or inf
 
 
+class CountState(NamedTuple):
+  """A step count and the last statistics: the layout of a fixed-threshold clipper's state.
+
+  Each such clipper's own state class (``ClipState``, ``ClipByNormState``, ...)
+  subclasses it in the clipper's module, so that a state knows the transform
+  that made it.
+  """
+
+  # Not named ``count``: optax.tree_utils.tree_get would confuse it with the optimizer's.
+  clip_count: jax.Array  # [] int32, steps taken (read by a scheduled threshold)
+  clip_stats: dict[str, Any]  # {name: the last step's statistics}
+  stats = STATS
+
+
 def initial_stats(threshold: jax.typing.ArrayLike = 0.0) -> ClipStats:
   """Statistics before the first step: nothing measured, nothing clipped."""
   return ClipStats(

@@ -64,15 +64,10 @@ def _per_leaf_stats(norms: jax.Array, high: jax.Array, scales: jax.Array,
                           jnp.all(finite))
 
 
-# A fixed-threshold clipper keeps a step count (read by a scheduled threshold; not
-# named ``count``, which optax.tree_utils.tree_get would confuse with the
-# optimizer's) and its last statistics under the transform's name.
-class ClipState(NamedTuple):
+class ClipState(_base.CountState):
   """State of :func:`clipjax.clip`: a step count and the last statistics."""
 
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
+  __slots__ = ()
 
 
 @_docs.fill
@@ -170,12 +165,10 @@ def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
   return smallest
 
 
-class ClipByNormState(NamedTuple):
+class ClipByNormState(_base.CountState):
   """State of :func:`clipjax.clip_by_norm`: a step count and the last statistics."""
 
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, Any]  # {name: ClipStats, or LeafClipStats with leaf_stats=True}
-  stats = _base.STATS
+  __slots__ = ()
 
 
 @_docs.fill
@@ -263,12 +256,10 @@ def _initial_leaf_stats(stats: ClipStats, params: Any, layer_axis: Any) -> LeafC
                        leaf_norms=_leaf_norms_by_path(params, zeros, layout))
 
 
-class ClipByGlobalNormState(NamedTuple):
+class ClipByGlobalNormState(_base.CountState):
   """State of :func:`clipjax.clip_by_global_norm`: a step count and the last statistics."""
 
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
+  __slots__ = ()
 
 
 @_docs.fill
@@ -334,12 +325,10 @@ def clip_by_global_norm(max_norm: Threshold, *, min_norm: Threshold | None = Non
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ClipByBlockRmsState(NamedTuple):
+class ClipByBlockRmsState(_base.CountState):
   """State of :func:`clipjax.clip_by_block_rms`: a step count and the last statistics."""
 
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
-  stats = _base.STATS
+  __slots__ = ()
 
 
 @_docs.fill

@@ -26,16 +26,14 @@ from ._base import Threshold
 _TOTAL = "norm"
 
 
-class ClipByGroupNormState(NamedTuple):
+class ClipByGroupNormState(_base.CountState):
   """State of :func:`clipjax.clip_by_group_norm`: a step count and the last statistics.
 
   The statistics under the transform's name are a dict: ``"norm"``, the norm of
   the whole update, and for each label the :class:`ClipStats` of its group.
   """
 
-  clip_count: jax.Array  # [] int32, steps taken
-  clip_stats: dict[str, dict[str, Any]]  # {name: {"norm": [] float32, label: ClipStats}}
-  stats = _base.STATS
+  __slots__ = ()
 
 
 Labels = Any  # a pytree (prefix) of str labels, or a callable of the updates returning one
