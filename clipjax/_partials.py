@@ -113,6 +113,12 @@ def partial(leaf: jax.Array, ord: Ord, acc: jnp.dtype, factor: float = 1.0,
   if x.size == 0:
     return jnp.zeros(() if layer is None else (x.shape[layer],), acc)
   if ord == 2:
+    if factor > 1.0:
+      # The grown reread serves only sums that underflowed, whose elements are all
+      # tiny; an element whose grown square would overflow is left out, so that its
+      # derivative 2x stays finite and the zero cotangent of the unselected row
+      # cannot make 0·inf = NaN.
+      x = jnp.where(jnp.abs(x) <= jnp.sqrt(jnp.finfo(acc).max), x, jnp.zeros((), acc))
     return jnp.sum(x * x, axis=axes)
   if ord == 1:
     return jnp.sum(x, axis=axes)
