@@ -156,12 +156,17 @@ def _clamp(g: jax.Array, high: jax.Array, low: jax.Array | None, finite: jax.Arr
 
 
 def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:
-  """The smallest nonzero magnitude in the tree (inf when there is none)."""
-  smallest = jnp.full((), jnp.inf, dtype)
+  """The smallest nonzero magnitude in the tree (the dtype's maximum when there is none).
+
+  The maximum, not inf, so that healthy input makes no inf for jax_debug_infs:
+  no finite magnitude is above it, and a floor below it is never crossed.
+  """
+  largest = jnp.asarray(jnp.finfo(dtype).max, dtype)
+  smallest = largest
   for g in jax.tree.leaves(updates):
     magnitude = jnp.abs(jnp.asarray(g)).astype(dtype)
     if magnitude.size:
-      smallest = jnp.minimum(smallest, jnp.min(jnp.where(magnitude > 0, magnitude, jnp.inf)))
+      smallest = jnp.minimum(smallest, jnp.min(jnp.where(magnitude > 0, magnitude, largest)))
   return smallest
 
 

@@ -170,9 +170,14 @@ def _pmax(values: jax.Array, axis_name: AxisName) -> jax.Array:
   indicator travels in the same operand, and NaN is restored where it is set.
   """
   nan = jnp.isnan(values)
-  both = lax.pmax(jnp.stack([jnp.where(nan, -jnp.inf, values), nan.astype(values.dtype)]),
+  lowest = jnp.asarray(jnp.finfo(values.dtype).min, values.dtype)
+  both = lax.pmax(jnp.stack([jnp.where(nan, lowest, values), nan.astype(values.dtype)]),
                   axis_name)
-  return jnp.where(both[1] > 0, jnp.full((), jnp.nan, values.dtype), both[0])
+  # The NaN is made as 0/0 where the indicator is set, so healthy input holds no
+  # NaN constant for jax_debug_nans to flag.
+  flagged = both[1] > 0
+  zero = jnp.where(flagged, jnp.zeros((), values.dtype), jnp.ones((), values.dtype))
+  return jnp.where(flagged, zero / zero, both[0])
 
 
 def shared_masks(replicated: Sequence[tuple[Hashable, ...]], axis_name: AxisName,

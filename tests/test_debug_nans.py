@@ -97,3 +97,16 @@ def test_torch_style_functions_and_global_norm(ord, jit, debug_checks):  # noqa:
 
 def test_the_flags_are_off_outside_the_tests():
   assert not jax.config.jax_debug_nans and not jax.config.jax_debug_infs
+
+
+def test_sharded_max_and_floor_make_no_nan_or_inf(debug_checks):
+  """The NaN-keeping pmax and clip's smallest magnitude on healthy input, under shard_map."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("d",))
+  grads = {"a": jnp.array([0.0, 1e-3, -3.0, 2.0]), "b": jnp.zeros(4)}
+  tx = clipjax.clip(1.0, min_delta=0.01, axis_name="d")
+  spec = jax.sharding.PartitionSpec("d")
+  step = jax.jit(jax.shard_map(lambda g: tx.update(g, tx.init(g))[1].stats.norm, mesh=mesh,
+                               in_specs=(spec,), out_specs=jax.sharding.PartitionSpec()))
+  assert float(step(grads)) == 3.0
+  eager, _ = clipjax.clip(1.0, min_delta=0.01).update(grads, None)
+  np.testing.assert_array_equal(eager["a"], np.float32([0.0, 0.01, -1.0, 1.0]))
