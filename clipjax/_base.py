@@ -19,6 +19,7 @@ import optax
 from . import _checks
 from . import _layout
 from . import _norms
+from . import _partials
 from . import _xla
 
 # What every threshold argument accepts: a Python number, a JAX scalar (traced
@@ -369,6 +370,27 @@ def informative(norm: jax.Array) -> jax.Array:
   an adaptive threshold towards 0, where it would zero every later update.
   """
   return jnp.isfinite(norm) & (norm > 0)
+
+
+def window_moments(buffer: jax.Array, valid: jax.Array, *, sample: bool
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(mean, std, unit)`` of ``buffer[valid]``, the first two divided by ``unit``.
+
+  ``unit`` is the largest magnitude in the window (1 when there is none), so
+  the squares cannot overflow float32; the caller multiplies back in the
+  dtype it compares in. ``std`` is the sample standard deviation (Bessel's
+  ``n − 1``, 0 for one value) with ``sample``, else the population one; both
+  are 0 for an empty window, with a finite derivative (a constant window has
+  std 0).
+  """
+  n = jnp.sum(valid.astype(jnp.int32)).astype(jnp.float32)
+  largest = jnp.max(jnp.where(valid, jnp.abs(buffer), 0.0))
+  unit = jnp.where(largest > 0, largest, 1.0)
+  x = jnp.where(valid, buffer / unit, 0.0)
+  mean = jnp.sum(x) / jnp.maximum(n, 1.0)
+  deviation = jnp.where(valid, x - mean, 0.0)
+  variance = jnp.sum(deviation * deviation) / jnp.maximum(n - 1.0 if sample else n, 1.0)
+  return mean, _partials.safe_sqrt(variance), unit
 
 
 def taken_into(norm: jax.Array, new: Any, old: Any) -> Any:

@@ -21,7 +21,6 @@ from . import _checks
 from . import _docs
 from . import _layout
 from . import _norms
-from . import _partials
 from ._base import ClipStats
 
 _F32 = jnp.float32
@@ -37,22 +36,6 @@ class ClipByRollingNormState(NamedTuple):
   filled: jax.Array  # [] int32, how many slots hold a norm (<= window)
   clip_stats: dict[str, ClipStats]  # {name: the last step's statistics}
   stats = _base.STATS
-
-
-def _mean_std(buffer: jax.Array, filled: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean and population standard deviation of ``buffer[:filled]`` (0 and 0 when empty).
-
-  The values are divided by their largest first, so the squares cannot overflow.
-  """
-  valid = jnp.arange(buffer.shape[0], dtype=jnp.int32) < filled
-  n = jnp.maximum(filled, 1).astype(_F32)
-  largest = jnp.max(jnp.where(valid, buffer, 0.0))
-  unit = jnp.where(largest > 0, largest, 1.0)
-  x = jnp.where(valid, buffer / unit, 0.0)
-  mean = jnp.sum(x) / n
-  deviation = jnp.where(valid, x - mean, 0.0)
-  # safe_sqrt: a constant window has std 0, and a finite derivative there.
-  return mean * unit, _partials.safe_sqrt(jnp.sum(deviation * deviation) / n) * unit
 
 
 @_docs.fill
@@ -140,7 +123,8 @@ def clip_by_rolling_norm(window: int = 128, sigma_factor: float = 3.0, *,
     return ClipByRollingNormState(history=jnp.zeros((size,), _F32),
                                   position=jnp.zeros((), jnp.int32),
                                   filled=jnp.zeros((), jnp.int32),
-                                  clip_stats={name: _base.initial_stats(_base.initial_threshold(None))})
+                                  clip_stats={name: _base.initial_stats(
+                                      _base.initial_threshold(None))})
 
   def update_fn(updates, state, params=None):
     del params
@@ -149,7 +133,9 @@ def clip_by_rolling_norm(window: int = 128, sigma_factor: float = 3.0, *,
     norm = _norms.global_norm(updates, axis_name=axis_name, replicated=replicated)
     history, length = jnp.asarray(state.history), state.history.shape[0]
     required = max(2, length // 2) if min_history is None else min_history
-    mean, std = _mean_std(history, state.filled)
+    valid = jnp.arange(length, dtype=jnp.int32) < state.filled
+    mean, std, unit = _base.window_moments(history, valid, sample=False)
+    mean, std = mean * unit, std * unit
     sigma = _base.f32(sigma_factor)
     limit = _base.saturate(mean + sigma * jnp.maximum(std, _STD_FLOOR))
     # "No threshold yet" is the largest value of the norm's dtype: no inf for

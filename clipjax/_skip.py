@@ -129,16 +129,10 @@ def _limit(buffer: jax.Array, valid: jax.Array, sigma: jax.Array
   the caller multiplies back in the dtype it compares in.
   """
   count = jnp.sum(valid.astype(jnp.int32))
-  n = count.astype(_F32)
-  largest = jnp.max(jnp.where(valid, jnp.abs(buffer), 0.0))
-  unit = jnp.where(largest > 0, largest, 1.0)
-  x = jnp.where(valid, buffer / unit, 0.0)
-  mean = jnp.sum(x) / jnp.maximum(n, 1.0)
-  deviation = jnp.where(valid, x - mean, 0.0)
-  std = jnp.sqrt(jnp.sum(deviation * deviation) / jnp.maximum(n - 1.0, 1.0))
+  mean, std, unit = _base.window_moments(buffer, valid, sample=True)
   floor = RELATIVE_FLOOR * jnp.abs(mean)
   limit = mean + sigma * jnp.maximum(std, floor)
-  top = jnp.max(jnp.where(valid, x, -1.0))  # |x| <= 1: -1 is below no valid value
+  top = jnp.max(jnp.where(valid, buffer / unit, -1.0))  # <= 1 where valid: -1 is below all
   return jnp.where(std < floor, jnp.maximum(limit, top), limit), unit, count
 
 
