@@ -163,7 +163,7 @@ def _record(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
 
 def _in_stats(path: tuple[Any, ...]) -> bool:
   """Whether a leaf's path goes through a field (or, restored, an entry) named ``clip_stats``."""
-  return any(getattr(key, "name", getattr(key, "key", None)) == _stats._STATS_FIELD
+  return any(getattr(key, "name", getattr(key, "key", None)) == _stats.STATS_FIELD
              for key in path)
 
 

@@ -167,7 +167,7 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   """
   found = sorted(_states(opt_state, ()), key=lambda item: _path_order(item[0]))
   records = [(str(name), record) for _, node in found
-             for name, record in _field(node, _STATS_FIELD).items()]
+             for name, record in _field(node, STATS_FIELD).items()]
   kinds = Counter(name for name, _ in records)
   seen: Counter[str] = Counter()
   out: dict[str, jax.Array] = {}
@@ -179,7 +179,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   return out
 
 
-_STATS_FIELD = "clip_stats"
+# The field (or, restored, the entry) of every clipjax state that holds its statistics.
+STATS_FIELD = "clip_stats"
 _FIELDS = ("norm", "threshold", "scale", "clipped", "finite")
 
 
@@ -196,7 +197,7 @@ def _states(tree: Any, prefix: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], A
       out.append(((*prefix, *path), node))
       fields = node.items() if isinstance(node, Mapping) else node._asdict().items()
       for key, value in fields:  # e.g. the inner state of skip_spikes
-        if key != _STATS_FIELD:
+        if key != STATS_FIELD:
           out += _states(value, (*prefix, *path, jax.tree_util.DictKey(key)))
   return out
 
@@ -204,9 +205,9 @@ def _states(tree: Any, prefix: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], A
 def _holds_stats(node: Any) -> bool:
   """Whether ``node`` is a clipjax state: it has a ``clip_stats`` mapping of name to statistics."""
   if isinstance(node, Mapping):
-    stats = node.get(_STATS_FIELD)
+    stats = node.get(STATS_FIELD)
   elif isinstance(node, tuple) and hasattr(node, "_fields"):
-    stats = getattr(node, _STATS_FIELD, None)
+    stats = getattr(node, STATS_FIELD, None)
   else:
     return False
   return isinstance(stats, Mapping)
