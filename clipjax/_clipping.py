@@ -78,10 +78,12 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
 
   ``g ← sign(g) · clamp(|g|, min_delta, max_delta)``, with exact zeros kept at
   zero. Without ``min_delta`` this is ``optax.clip``,
-  ``torch.nn.utils.clip_grad_value_`` and Keras' ``clipvalue``. When some
-  element is NaN or inf the updates pass through unchanged and the step is
-  reported with ``finite`` False (pair with ``optax.apply_if_finite`` to skip
-  it). The statistics measure the largest magnitude: ``norm = max|g|``,
+  ``torch.nn.utils.clip_grad_value_`` and Keras' ``clipvalue`` on finite
+  elements. NaN and ±inf elements are kept as they are (``optax.clip`` turns
+  ±inf into ±max_delta), in the same element-wise pass that clamps the finite
+  ones, and the step is reported with ``finite`` False (pair with
+  ``optax.apply_if_finite`` or :func:`clipjax.skip_spikes` to skip it). The
+  statistics measure the largest magnitude: ``norm = max|g|``,
   ``scale = max_delta / norm`` when it is clipped.
 
   Args:
@@ -90,9 +92,8 @@ def clip(max_delta: Threshold, *, min_delta: Threshold | None = None,
     min_delta: optional smallest magnitude of a nonzero element; smaller ones
       are raised to it.
     axis_name: mapped axis name(s) over which the leaves are sharded. The
-      clamp itself is element-wise; the axis makes the statistics and the
-      non-finite check global (one ``pmax``), so every device passes a
-      non-finite update through together.
+      clamp itself is element-wise; the axis makes the statistics global
+      (one ``pmax``), so every device reports a non-finite step.
     {name}
 
   {returns: ClipState}
@@ -145,14 +146,21 @@ def _magnitudes(updates: Any, smallest: bool, axis_name: _norms.AxisName
 
 def _clamp(g: jax.Array, high: jax.Array, low: jax.Array | None, finite: jax.Array
            ) -> jax.Array:
-  """One leaf with magnitudes clamped into ``[low, high]``; unchanged when not ``finite``."""
+  """One leaf with finite magnitudes clamped into ``[low, high]``; NaN and ±inf kept.
+
+  One element-wise pass: ``clamp`` keeps NaN, and where the step is not
+  ``finite`` an infinite element is selected back, so ``optax.apply_if_finite``
+  and ``skip_spikes`` still see the step as non-finite. (Where ``finite``, no
+  element is infinite; reading it also orders the pass after the reduction
+  that reads the same, donated, leaf: XLA CPU copies every leaf otherwise.)
+  """
   top = high.astype(g.dtype)
   if low is None:
     out = jnp.clip(g, -top, top)
   else:
     magnitude = jnp.clip(jnp.abs(g), low.astype(g.dtype), top)
     out = jnp.where(g == 0, g, jnp.sign(g) * magnitude)
-  return jnp.where(finite, out, g)
+  return jnp.where(finite | jnp.isfinite(g), out, g)
 
 
 def _smallest_nonzero(updates: Any, dtype: jnp.dtype) -> jax.Array:

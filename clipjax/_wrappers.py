@@ -270,11 +270,10 @@ def clip_grad_value(grads: Any, clip_value: float | jax.Array) -> Any:
   ``g ← clamp(g, -clip_value, clip_value)``: :func:`clipjax.clip` applied
   once, outside an optax chain. Pure and jit-compatible: the clamped tree is
   returned, not written in place, each leaf in its own dtype. For finite
-  gradients the result equals ``torch.nn.utils.clip_grad_value_``'s. When some
-  element is NaN or inf, torch clamps the others (and ``±inf`` to
-  ``±clip_value``); clipjax returns the whole tree unchanged (the library's
-  non-finite policy: a bad step stays visible, for ``optax.apply_if_finite``
-  to skip).
+  gradients the result equals ``torch.nn.utils.clip_grad_value_``'s. NaN and
+  ``±inf`` elements are kept as they are while the finite ones are clamped
+  (torch clamps ``±inf`` to ``±clip_value``): a bad step stays visible, for
+  ``optax.apply_if_finite`` to skip.
 
   Args:
     grads: a pytree of gradients (one array is a tree too).

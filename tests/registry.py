@@ -115,7 +115,8 @@ class Entry:
     needs_params: whether ``update`` needs ``params``.
     scope: what one factor scales: ``"tree"`` the whole update, ``"leaf"``
       each tensor on its own, ``"unit"`` each unit of a tensor (AGC),
-      ``"group"`` each group of leaves (``clip_by_group_norm``).
+      ``"group"`` each group of leaves (``clip_by_group_norm``),
+      ``"element"`` each element (``clip``).
     memoryless: whether the state holds nothing but a step count and the
       last statistics.
     inner: the argument that takes the transform it wraps; its state holds
@@ -178,7 +179,7 @@ class Entry:
 
 ENTRIES = [
     Entry("clip", {"max_delta": 1.0}, hyper=("max_delta", 0.25), bound=largest_abs,
-          memoryless=True, dist=Dist(("axis_name",), threshold=half_largest_abs,
+          scope="element", memoryless=True, dist=Dist(("axis_name",), threshold=half_largest_abs,
                                      scaled={"max_delta": 1.0, "min_delta": 0.02})),
     Entry("clip_by_norm", {"max_norm": 1.0}, hyper=("max_norm", 0.5), bound=largest_leaf_norm,
           scope="leaf", memoryless=True, ords=ORDS,

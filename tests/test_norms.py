@@ -146,3 +146,20 @@ def test_underflowing_squares_give_norm_zero_unless_a_floor_asks():
   updates, state = jax.jit(tx.update)(g, tx.init(g))
   np.testing.assert_allclose(float(state.stats.norm), 2e-25, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(updates["a"]), np.asarray(g["a"]))
+
+
+@pytest.mark.parametrize("ord", [1, float("inf")])
+def test_derivative_of_ord_1_and_inf_norms_matches_numpy_and_is_zero_at_zero(ord):
+  x = jnp.array([3.0, -4.0, 0.0, 0.5])
+  grad = jax.grad(lambda v: clipjax.global_norm({"w": v}, ord=ord))(x)
+  # d‖x‖₁ = sign(x); d max|x| = sign at the largest element; 0 at x = 0 (the subgradient).
+  expected = np.sign(np.asarray(x)) if ord == 1 else np.array([0.0, -1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(grad, expected)
+
+
+def test_derivative_of_a_complex_ord_1_norm_is_finite_at_zero():
+  z = jnp.array([3.0 + 4.0j, 0.0 + 0.0j])
+  t = jnp.array([1.0 + 2.0j, 1.0 - 1.0j])
+  _, tangent = jax.jvp(lambda v: clipjax.global_norm({"w": v}, ord=1), (z,), (t,))
+  # d|z| = Re(conj(z)·dz)/|z| = (3·1 + 4·2)/5 for the first element, 0 at z = 0.
+  np.testing.assert_allclose(float(tangent), 11.0 / 5.0, rtol=1e-6)

@@ -79,6 +79,12 @@ def test_non_finite_gradient_is_neither_zeroed_nor_spread(entry, bad):
     assert_tree_equal(out, grads)
     assert not any(bool(v) for k, v in stats.items() if k.endswith("/clipped"))
     assert all(float(v) == 1.0 for k, v in stats.items() if k.endswith("/scale"))
+  elif entry.scope == "element":
+    # Element-wise rules clamp every finite element and keep the bad one as it is.
+    for leaf, sent in zip(jax.tree.leaves(out), jax.tree.leaves(grads), strict=True):
+      sent = np.asarray(sent)
+      np.testing.assert_array_equal(
+          np.asarray(leaf), np.where(np.isfinite(sent), np.clip(sent, -1.0, 1.0), sent))
   else:
     # Per-leaf and per-unit rules pass the bad value's own leaf (or unit) through.
     column = 2 if entry.scope == "unit" else slice(None)
