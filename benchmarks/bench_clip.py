@@ -32,11 +32,9 @@ No timing here is asserted by any test.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import os
 import resource
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -53,6 +51,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 import clipjax  # noqa: E402
+from _common import Case, median_ms, ratio, ratio_cell, run_interleaved  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -84,32 +83,6 @@ def copy_tree(tree: Any) -> Any:
 # Cases ------------------------------------------------------------------------
 
 
-class Case:
-  """One timed operation; ``step()`` runs it once and waits for the result."""
-
-  def __init__(self, name: str, step: Callable[[], None], *, compile_s: float | None = None,
-               memory: Any = None, donated: bool = False):
-    self.name = name
-    self.step = step
-    self.compile_s = compile_s
-    self.memory = memory
-    self.donated = donated
-    self.times: list[float] = []
-    self.ready: Callable[[], None] = lambda: None
-    self.prepare: Callable[[], None] = lambda: None  # untimed, before each step
-
-  def timed(self) -> float:
-    self.prepare()
-    start = time.perf_counter()
-    self.step()
-    return time.perf_counter() - start
-
-
-# Compiles run two at a time (lowering stays on the main thread): at 1000
-# leaves XLA compile time, not the timing, dominates the run.
-_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-
-
 def jax_case(name: str, fn: Callable[..., Any], args: tuple, *, donate: tuple[int, ...] = (),
              carry: Callable[[tuple, Any], tuple] | None = None,
              fresh: Callable[[tuple], tuple] | None = None) -> Case:
@@ -121,13 +94,7 @@ def jax_case(name: str, fn: Callable[..., Any], args: tuple, *, donate: tuple[in
   The compile is started in the background; :meth:`Case.ready` waits for it.
   """
   lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-
-  def compile_():
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, time.perf_counter() - start
-
-  future = _COMPILER.submit(compile_)
+  future = _common.compile_in_background(lowered)
   current = [args]
   case = Case(name, lambda: None, donated=bool(donate))
 
@@ -318,42 +285,6 @@ def build_cases(grads: Any, params: Any, log: Callable[[str], None], *,
   return cases
 
 
-def run_interleaved(cases: list[Case], *, warmup: int, min_rounds: int, max_rounds: int,
-                    budget_s: float, log: Callable[[str], None]) -> int:
-  """Runs all cases round after round (alternating direction) until the budget is spent."""
-  for case in cases:
-    for _ in range(warmup):
-      case.prepare()
-      case.step()
-  start = time.perf_counter()
-  rounds = 0
-  while rounds < max_rounds:
-    order = cases if rounds % 2 == 0 else cases[::-1]
-    for case in order:
-      case.times.append(case.timed())
-    rounds += 1
-    elapsed = time.perf_counter() - start
-    if rounds % 5 == 0:
-      log(f"    round {rounds}: {elapsed:.0f} s")
-    if rounds >= min_rounds and elapsed * (rounds + 1) / rounds > budget_s:
-      break
-  return rounds
-
-
-def median_ms(case: Case) -> float:
-  return 1e3 * statistics.median(case.times)
-
-
-def ratios(a: Case, b: Case) -> list[float]:
-  """``a``'s time over ``b``'s time in each round."""
-  return [x / y for x, y in zip(a.times, b.times)]
-
-
-def ratio(a: Case, b: Case) -> float:
-  """Median over rounds of ``a``'s time over ``b``'s time in the same round."""
-  return statistics.median(ratios(a, b))
-
-
 def peak_bytes(memory: Any) -> int:
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes
           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
@@ -429,15 +360,6 @@ def main() -> None:
   print(body)
   _common.write_section(args.out, "bench", body)
   log(f"wrote the bench section of {args.out}")
-
-
-def ratio_cell(a: Case, b: Case, bound: float | None = None) -> str:
-  """``median× (min–max)`` of the per-round ratios, with the verdict against ``bound``."""
-  rs = ratios(a, b)
-  cell = f"{statistics.median(rs):.3f}× ({_common.spread(rs)})"
-  if bound is not None:
-    cell += " " + _common.verdict(min(rs), max(rs), bound)
-  return cell
 
 
 def write_report(results: list[dict], *, started, elapsed: float, load: tuple,
