@@ -38,25 +38,41 @@ def synthetic_tree(n_leaves: int, total: int, seed: int) -> dict[str, jax.Array]
           for i, k in enumerate(keys)}
 
 
-def transformer(scale: float, *, scanned: bool = False) -> tuple[Any, jax.Array]:
-  """A small GPT-style flax.linen transformer and the tokens that initialise it.
+def transformer_size(scale: float, dims: dict[str, int] | None = None) -> dict[str, int]:
+  """The dimensions of :func:`transformer`: ``d``, ``heads``, ``layers``, ``vocab`` and
+  ``context``."""
+  size = dict(d=320, heads=5, layers=16, vocab=8192, context=256)
+  if scale < 1.0:
+    size.update(d=64, heads=4, layers=4, vocab=512)
+  size.update(dims or {})
+  return size
+
+
+def transformer(scale: float, *, scanned: bool = False,
+                dims: dict[str, int] | None = None) -> tuple[Any, jax.Array]:
+  """A small GPT-style flax.linen transformer (causal attention) and the tokens that
+  initialise it.
 
   ``scale < 1`` gives a tiny model for quick runs. With ``scanned`` the blocks
   are one ``nn.scan`` over the layers: each block parameter becomes one leaf
   stacked along a leading ``(layers, ...)`` axis (22 leaves instead of 262).
+  ``dims`` overrides any of ``d``, ``heads``, ``layers``, ``vocab`` and
+  ``context`` (the longest sequence): an unscanned model has ``16 · layers + 6``
+  leaves.
   """
   import flax.linen as nn
 
-  d, heads, layers, vocab, context = 320, 5, 16, 8192, 256
-  if scale < 1.0:
-    d, heads, layers, vocab = 64, 4, 4, 512
+  size = transformer_size(scale, dims)
+  d, heads, layers, vocab, context = (size[k] for k in ("d", "heads", "layers", "vocab",
+                                                         "context"))
 
   class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, _=None):
       h = nn.LayerNorm()(x)
-      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h)
+      mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h, mask=mask)
       h = nn.LayerNorm()(x)
       h = nn.gelu(nn.Dense(4 * d)(h))
       x = x + nn.Dense(d)(h)
