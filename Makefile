@@ -1,13 +1,16 @@
 # make demo   – create .venv, install clipjax with the examples, run the main example
 # make test   – create .venv, install clipjax with the test extras, run the whole suite
 #                on every core (pytest-xdist); TEST_ARGS is passed to pytest, e.g. -m 'not slow'
-# make bench  – create .venv, install the benchmark extras (CPU torch), run the benchmarks
-#                (about 8.5 min on this 2-core machine)
+# make bench  – create .venv, install the benchmark extras (CPU torch), run the benchmarks:
+#                bench_clip.py (run time, memory and compiled size of every clipper), then
+#                bench_step.py (the whole jitted train step of a transformer with each clipper);
+#                about 9 min on this 2-core machine when nothing else runs (6 + 3), up to
+#                twice that while other jobs use the cores
 # make bench-compile – create .venv, install flax and matplotlib, run the compile-time sweep
 #                (separate from make bench; 3 repetitions of 8–16 min each on a quiet 2-core
 #                machine, depending on how slowly the per-leaf transforms compile;
 #                BENCH_ARGS="--budget 15" stops before a repetition that would end past 15 min)
-# make bench-smoke   – both benchmark scripts with --quick, into a temporary copy of
+# make bench-smoke   – the benchmark scripts with --quick, into a temporary copy of
 #                benchmarks/RESULTS.md: checks that they run; the figures mean nothing
 # BENCH_ARGS is passed to the scripts, e.g. make bench-compile BENCH_ARGS="--leaves 100,1000"
 # make docs   – create .venv, install the docs tools, build the site into docs/_build/html
@@ -52,6 +55,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_clip.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_step.py $(BENCH_ARGS)
 
 bench-compile: $(VENV)/.examples
 	$(PY) benchmarks/compile_time.py $(BENCH_ARGS)
@@ -59,6 +63,7 @@ bench-compile: $(VENV)/.examples
 bench-smoke: $(VENV)/.bench $(VENV)/.examples
 	tmp=$$(mktemp -d) && cp benchmarks/RESULTS.md $$tmp/ \
 	  && $(PY) benchmarks/bench_clip.py --quick --out $$tmp/RESULTS.md \
+	  && $(PY) benchmarks/bench_step.py --quick --out $$tmp/RESULTS.md \
 	  && $(PY) benchmarks/compile_time.py --quick --out $$tmp/RESULTS.md \
 	  && echo "smoke run written to $$tmp/RESULTS.md"
 

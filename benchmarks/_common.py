@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: the trees, the machine description, the verdicts, and
-writing a generated section of ``RESULTS.md`` between its markers.
+"""What the benchmark scripts share: the trees, compiling in the background, interleaved
+timing, the size of a compiled program, the machine description, the verdicts, and writing a
+generated section of ``RESULTS.md`` between its markers.
 
 The scripts use clipjax, optax and flax by their public names only, so they
 measure whichever clipjax is imported (the path is printed in every report).
@@ -7,8 +8,12 @@ measure whichever clipjax is imported (the path is printed in every report).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,25 +38,41 @@ def synthetic_tree(n_leaves: int, total: int, seed: int) -> dict[str, jax.Array]
           for i, k in enumerate(keys)}
 
 
-def transformer(scale: float, *, scanned: bool = False) -> tuple[Any, jax.Array]:
-  """A small GPT-style flax.linen transformer and the tokens that initialise it.
+def transformer_size(scale: float, dims: dict[str, int] | None = None) -> dict[str, int]:
+  """The dimensions of :func:`transformer`: ``d``, ``heads``, ``layers``, ``vocab`` and
+  ``context``."""
+  size = dict(d=320, heads=5, layers=16, vocab=8192, context=256)
+  if scale < 1.0:
+    size.update(d=64, heads=4, layers=4, vocab=512)
+  size.update(dims or {})
+  return size
+
+
+def transformer(scale: float, *, scanned: bool = False,
+                dims: dict[str, int] | None = None) -> tuple[Any, jax.Array]:
+  """A small GPT-style flax.linen transformer (causal attention) and the tokens that
+  initialise it.
 
   ``scale < 1`` gives a tiny model for quick runs. With ``scanned`` the blocks
   are one ``nn.scan`` over the layers: each block parameter becomes one leaf
   stacked along a leading ``(layers, ...)`` axis (22 leaves instead of 262).
+  ``dims`` overrides any of ``d``, ``heads``, ``layers``, ``vocab`` and
+  ``context`` (the longest sequence): an unscanned model has ``16 · layers + 6``
+  leaves.
   """
   import flax.linen as nn
 
-  d, heads, layers, vocab, context = 320, 5, 16, 8192, 256
-  if scale < 1.0:
-    d, heads, layers, vocab = 64, 4, 4, 512
+  size = transformer_size(scale, dims)
+  d, heads, layers, vocab, context = (size[k] for k in ("d", "heads", "layers", "vocab",
+                                                         "context"))
 
   class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, _=None):
       h = nn.LayerNorm()(x)
-      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h)
+      mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(h, h, mask=mask)
       h = nn.LayerNorm()(x)
       h = nn.gelu(nn.Dense(4 * d)(h))
       x = x + nn.Dense(d)(h)
@@ -95,6 +116,106 @@ def stacked_layer_axis(params: Any) -> Any:
 
 def tree_bytes(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+# Compiling and timing -----------------------------------------------------------
+
+# Compiles run two at a time in threads of the one process (lowering stays on the
+# main thread): on 2 cores XLA's compile time, not the timing, dominates a run.
+_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+
+
+def compile_in_background(lowered: Any) -> concurrent.futures.Future:
+  """Starts ``lowered.compile()``; the future gives ``(compiled, seconds)``."""
+  def compile_():
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - start
+
+  return _COMPILER.submit(compile_)
+
+
+def hlo_instructions(compiled: Any) -> int:
+  """The number of instructions of a compiled program: the lines of its optimized HLO text
+  that contain `` = ``."""
+  return sum(" = " in line for line in compiled.as_text().splitlines())
+
+
+def bytes_accessed(compiled: Any) -> float:
+  """XLA's estimate of the bytes a compiled program reads and writes
+  (``cost_analysis()["bytes accessed"]``)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # one entry per program in older jax releases
+    cost = cost[0]
+  return float(cost["bytes accessed"])
+
+
+class Case:
+  """One timed operation; ``step()`` runs it once and waits for the result."""
+
+  def __init__(self, name: str, step: Callable[[], None], *, compile_s: float | None = None,
+               memory: Any = None, donated: bool = False):
+    self.name = name
+    self.step = step
+    self.compile_s = compile_s
+    self.memory = memory
+    self.donated = donated
+    self.instructions: int | None = None  # of the compiled program, when there is one
+    self.bytes_accessed: float | None = None
+    self.times: list[float] = []
+    self.ready: Callable[[], None] = lambda: None
+    self.prepare: Callable[[], None] = lambda: None  # untimed, before each step
+
+  def timed(self) -> float:
+    self.prepare()
+    start = time.perf_counter()
+    self.step()
+    return time.perf_counter() - start
+
+
+def run_interleaved(cases: list[Case], *, warmup: int, min_rounds: int, max_rounds: int,
+                    budget_s: float, log: Callable[[str], None]) -> int:
+  """Runs all cases round after round (alternating direction) until the budget is spent."""
+  for case in cases:
+    for _ in range(warmup):
+      case.prepare()
+      case.step()
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < max_rounds:
+    order = cases if rounds % 2 == 0 else cases[::-1]
+    for case in order:
+      case.times.append(case.timed())
+    rounds += 1
+    elapsed = time.perf_counter() - start
+    if rounds % 5 == 0:
+      log(f"    round {rounds}: {elapsed:.0f} s")
+    if rounds >= min_rounds and elapsed * (rounds + 1) / rounds > budget_s:
+      break
+  return rounds
+
+
+def median_ms(case: Case) -> float:
+  return 1e3 * statistics.median(case.times)
+
+
+def ratios(a: Case, b: Case) -> list[float]:
+  """``a``'s time over ``b``'s time in each round."""
+  return [x / y for x, y in zip(a.times, b.times)]
+
+
+def ratio(a: Case, b: Case) -> float:
+  """Median over rounds of ``a``'s time over ``b``'s time in the same round."""
+  return statistics.median(ratios(a, b))
+
+
+def ratio_cell(a: Case, b: Case, bound: float | None = None) -> str:
+  """``median× (min–max)`` of the per-round ratios, with the verdict against ``bound``."""
+  rs = ratios(a, b)
+  cell = f"{statistics.median(rs):.3f}× ({spread(rs)})"
+  if bound is not None:
+    cell += " " + verdict(min(rs), max(rs), bound)
+  return cell
 
 
 # Machine ----------------------------------------------------------------------
@@ -164,6 +285,27 @@ def verdict(low: float, high: float, bound: float) -> str:
 
 def spread(values: list[float], digits: int = 2) -> str:
   return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+
+
+class Tally:
+  """Counts the verdicts of the cells it passes through."""
+
+  WORDS = ("not met", "within the noise", "met")
+
+  def __init__(self):
+    self.counts: dict[str, int] = {}
+
+  def __call__(self, text: str) -> str:
+    for word in self.WORDS:
+      if word in text:
+        self.counts[word] = self.counts.get(word, 0) + 1
+        break
+    return text
+
+  def line(self) -> str:
+    c = self.counts
+    return (f"{c.get('met', 0)} met, {c.get('within the noise', 0)} within the noise,"
+            f" {c.get('not met', 0)} not met.")
 
 
 # RESULTS.md ---------------------------------------------------------------------

@@ -19,12 +19,22 @@ Method:
   spike hits both sides of a comparison alike; its spread is the min–max of the
   per-round ratios. A goal is met when the whole spread is within its bound,
   not met when all of it is above, and within the noise otherwise.
-* "in place" cases donate the gradient and state buffers (``donate_argnums``)
-  and feed the outputs back as the next inputs, as a jitted train step does;
-  ``torch.nn.utils.clip_grad_norm_`` also works in place. "fresh output" cases
-  write a new output tree on every call.
+* "in place" cases donate the gradient buffers (``donate_argnums=(0,)``) and
+  feed the state that comes out back as the next call's state; the optimizer
+  steps (``adam``) donate the parameters and the optimizer state, as a jitted
+  train step does; ``torch.nn.utils.clip_grad_norm_`` also works in place.
+  "fresh output" cases write a new output tree on every call.
 * Peak memory is ``argument + output + temp - alias`` bytes from the compiled
   executable's ``memory_analysis()``.
+
+The same run writes a second section, between ``<!-- hlo:start -->`` and
+``<!-- hlo:end -->``: the compiled size of every clipper's in-place program
+and its optax twin's, the number of instructions of the optimized HLO
+(``compiled.as_text()``) and XLA's ``cost_analysis()["bytes accessed"]`` over
+the gradient bytes, at 100 and 1000 leaves of the same shape and on the Flax
+tree. The 1000-leaf and Flax programs are the ones timed here (compiled once
+for both sections); the 100-leaf tree is only lowered on shapes and compiled.
+These figures are deterministic for given software versions.
 
 No timing here is asserted by any test.
 """
@@ -32,11 +42,9 @@ No timing here is asserted by any test.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import os
 import resource
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -53,6 +61,7 @@ import optax  # noqa: E402
 
 import _common  # noqa: E402
 import clipjax  # noqa: E402
+from _common import Case, median_ms, ratio, ratio_cell, run_interleaved  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -62,8 +71,11 @@ except ImportError:  # the benchmark extras are optional for a quick look
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 TOTAL = 25_000_000
+# Interleaved rounds per tree at least, whatever the --budget (the 1000-leaf tree takes 1.5–5 s
+# a round on 2 cores, quiet or busy).
+MIN_ROUNDS = 8
 # The clippers that keep a history of past norms, compared with clip_by_global_norm.
-HISTORY = ("autoclip", "zclip", "adagc", "quantile_clip")
+HISTORY = ("autoclip", "zclip", "adagc", "quantile_clip", "clip_by_rolling_norm")
 
 
 # Trees ------------------------------------------------------------------------
@@ -84,32 +96,6 @@ def copy_tree(tree: Any) -> Any:
 # Cases ------------------------------------------------------------------------
 
 
-class Case:
-  """One timed operation; ``step()`` runs it once and waits for the result."""
-
-  def __init__(self, name: str, step: Callable[[], None], *, compile_s: float | None = None,
-               memory: Any = None, donated: bool = False):
-    self.name = name
-    self.step = step
-    self.compile_s = compile_s
-    self.memory = memory
-    self.donated = donated
-    self.times: list[float] = []
-    self.ready: Callable[[], None] = lambda: None
-    self.prepare: Callable[[], None] = lambda: None  # untimed, before each step
-
-  def timed(self) -> float:
-    self.prepare()
-    start = time.perf_counter()
-    self.step()
-    return time.perf_counter() - start
-
-
-# Compiles run two at a time (lowering stays on the main thread): at 1000
-# leaves XLA compile time, not the timing, dominates the run.
-_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-
-
 def jax_case(name: str, fn: Callable[..., Any], args: tuple, *, donate: tuple[int, ...] = (),
              carry: Callable[[tuple, Any], tuple] | None = None,
              fresh: Callable[[tuple], tuple] | None = None) -> Case:
@@ -121,19 +107,15 @@ def jax_case(name: str, fn: Callable[..., Any], args: tuple, *, donate: tuple[in
   The compile is started in the background; :meth:`Case.ready` waits for it.
   """
   lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-
-  def compile_():
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, time.perf_counter() - start
-
-  future = _COMPILER.submit(compile_)
+  future = _common.compile_in_background(lowered)
   current = [args]
   case = Case(name, lambda: None, donated=bool(donate))
 
   def ready():
     compiled, case.compile_s = future.result()
     case.memory = compiled.memory_analysis()
+    case.instructions = _common.hlo_instructions(compiled)
+    case.bytes_accessed = _common.bytes_accessed(compiled)
 
     def step():
       out = compiled(*current[0])
@@ -152,19 +134,38 @@ def jax_case(name: str, fn: Callable[..., Any], args: tuple, *, donate: tuple[in
   return case
 
 
+def update_fn(tx: optax.GradientTransformation) -> Callable[..., Any]:
+  """``lambda g, s, p: tx.update(g, s, p)``; ``p`` is ``None`` (no argument) but for AGC."""
+  def fn(g, s, p):
+    return tx.update(g, s, p)
+  return fn
+
+
+def size_case(name: str, tx: optax.GradientTransformation, grads: Any, params: Any, *,
+              needs_params: bool) -> Case:
+  """The program of an in-place :func:`update_case`, lowered on the shapes of ``grads`` and
+  compiled, never run: the size of a clipper on a tree that is not timed."""
+  state = jax.eval_shape(tx.init, params)
+  return jax_case(name, update_fn(tx), (grads, state, params if needs_params else None),
+                  donate=(0,))
+
+
 def update_case(name: str, tx: optax.GradientTransformation, grads: Any, params: Any, *,
                 in_place: bool, needs_params: bool = False, keep_state: bool = True) -> Case:
-  """A case running ``tx.update`` on ``grads``, in place (donated) or to a fresh output."""
+  """A case running ``tx.update`` on ``grads``, in place (the gradient donated) or to a fresh
+  output; the state that comes out is the next call's state.
+
+  In place, the program is ``jax.jit(lambda g, s, p: tx.update(g, s, p),
+  donate_argnums=(0,))``, the one whose size the ``hlo`` section reports."""
   state = tx.init(params)
   p = params if needs_params else None
   original = grads
   if keep_state:
-    def fn(g, s, p):
-      return tx.update(g, s, p)
+    fn = update_fn(tx)
 
     def carry(args, out):
       return (args[0], out[1], args[2])
-    donate = (0, 1) if in_place else ()
+    donate = (0,) if in_place else ()
   else:
     def fn(g, s, p):
       return tx.update(g, s, p)[0]
@@ -248,6 +249,20 @@ MEMORY_GOALS = ("clip", "clip_by_norm", "clip_by_global_norm", "clip_by_block_rm
                 "adaptive_grad_clip") + HISTORY + ("skip_spikes",)
 
 
+# Compiled size (the hlo section): (clipjax clipper, reference, bound on the ratio of their
+# HLO instruction counts). The clippers without an optax twin are held to optax's global clip.
+SIZE_GOALS = [
+    ("clip_by_global_norm", OCGN, 1.1),
+    ("clip_by_block_rms", "optax.clip_by_block_rms", 1.1),
+    ("adaptive_grad_clip", "optax.adaptive_grad_clip", 1.1),
+    ("clip", "optax.clip", 2.5),
+] + [(name, OCGN, 1.3) for name in ("clip_by_norm",) + HISTORY + ("skip_spikes",)]
+# Instructions per leaf at the larger synthetic tree ≤ this × at the smaller one.
+LINEAR_BOUND = 1.1
+# Bytes accessed ≤ this × the gradient bytes, for every clipper but AGC (held to optax's AGC).
+BYTES_BOUND = 3.0
+
+
 def clipper_pairs() -> list[tuple[str, optax.GradientTransformation | None, str | None,
                                   optax.GradientTransformation | None, bool]]:
   """(clipjax name, transform, optax name, optax transform or None, needs params)."""
@@ -268,6 +283,17 @@ def clipper_pairs() -> list[tuple[str, optax.GradientTransformation | None, str 
     # Around the identity its step is a global norm and a select: the work of a global clip.
     pairs.append(("skip_spikes", clipjax.skip_spikes(optax.identity()), None, None, False))
   return pairs
+
+
+def clippers() -> list[tuple[str, optax.GradientTransformation, bool]]:
+  """Every clipper of :func:`clipper_pairs` and every optax twin: (case name, transform,
+  needs params)."""
+  out = []
+  for cj_name, cj_tx, ox_name, ox_tx, needs_params in clipper_pairs():
+    out.append((f"clipjax.{cj_name}", cj_tx, needs_params))
+    if ox_tx is not None:
+      out.append((f"optax.{ox_name}", ox_tx, needs_params))
+  return out
 
 
 def per_slice_clippers(params: Any) -> list[tuple[str, optax.GradientTransformation, bool]]:
@@ -318,45 +344,21 @@ def build_cases(grads: Any, params: Any, log: Callable[[str], None], *,
   return cases
 
 
-def run_interleaved(cases: list[Case], *, warmup: int, min_rounds: int, max_rounds: int,
-                    budget_s: float, log: Callable[[str], None]) -> int:
-  """Runs all cases round after round (alternating direction) until the budget is spent."""
-  for case in cases:
-    for _ in range(warmup):
-      case.prepare()
-      case.step()
-  start = time.perf_counter()
-  rounds = 0
-  while rounds < max_rounds:
-    order = cases if rounds % 2 == 0 else cases[::-1]
-    for case in order:
-      case.times.append(case.timed())
-    rounds += 1
-    elapsed = time.perf_counter() - start
-    if rounds % 5 == 0:
-      log(f"    round {rounds}: {elapsed:.0f} s")
-    if rounds >= min_rounds and elapsed * (rounds + 1) / rounds > budget_s:
-      break
-  return rounds
-
-
-def median_ms(case: Case) -> float:
-  return 1e3 * statistics.median(case.times)
-
-
-def ratios(a: Case, b: Case) -> list[float]:
-  """``a``'s time over ``b``'s time in each round."""
-  return [x / y for x, y in zip(a.times, b.times)]
-
-
-def ratio(a: Case, b: Case) -> float:
-  """Median over rounds of ``a``'s time over ``b``'s time in the same round."""
-  return statistics.median(ratios(a, b))
-
-
 def peak_bytes(memory: Any) -> int:
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes
           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def size_record(label: str, grads: Any, cases: list[Case]) -> dict:
+  """The compiled size of the clippers' in-place programs among ``cases``, for the hlo
+  section."""
+  names = {name for name, _, _ in clippers()}
+  leaves = jax.tree.leaves(grads)
+  shapes = {tuple(x.shape) for x in leaves}
+  return dict(label=label, n_leaves=len(leaves), grad_bytes=_common.tree_bytes(grads),
+              leaf_shape=shapes.pop() if len(shapes) == 1 else None,
+              figures={c.name: (c.instructions, c.bytes_accessed) for c in cases
+                       if c.name in names})
 
 
 # Report -------------------------------------------------------------------------
@@ -373,8 +375,9 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true",
                       help="small trees (100 leaves instead of 1000) and few rounds: checks"
                            " that the script runs")
-  parser.add_argument("--budget", type=float, default=20.0,
-                      help="seconds of interleaved timing per tree (default 20)")
+  parser.add_argument("--budget", type=float, default=10.0,
+                      help="seconds of interleaved timing per tree (default 10; at least"
+                           f" {MIN_ROUNDS} rounds)")
   parser.add_argument("--out", default=_common.RESULTS,
                       help="the Markdown file whose bench section is rewritten")
   args = parser.parse_args()
@@ -391,7 +394,7 @@ def main() -> None:
   total = int(TOTAL * scale)
   many = 100 if args.quick else 1000
   budget = 3.0 if args.quick else args.budget
-  min_rounds, max_rounds = (3, 5) if args.quick else (15, 101)
+  min_rounds, max_rounds = (3, 5) if args.quick else (MIN_ROUNDS, 101)
   load_before = os.getloadavg()
   started = datetime.datetime.now(datetime.timezone.utc)
   log(f"clipjax benchmarks on {_common.cpu_model()}, {os.cpu_count()} cores; {software()};"
@@ -402,6 +405,22 @@ def main() -> None:
            ("Flax transformer", lambda: _common.transformer_params(scale), False),
            ("scanned Flax transformer",
             lambda: _common.transformer_params(scale, scanned=True), True)]
+  # The hlo section reports the clippers' programs at many // 10 and many leaves (the same
+  # leaf shape) and on the Flax tree. A tree of many // 10 leaves that is not timed is only
+  # lowered on shapes and compiled, before the timed trees.
+  few = many // 10
+  sizes: dict[str, dict] = {}
+  if few != 10:
+    label = f"{few} leaves"
+    log(f"{label}: compiling the clippers only (for the hlo section)")
+    t_size = time.perf_counter()
+    grads = jax.eval_shape(lambda: _common.synthetic_tree(few, total // 10, 1))
+    cases = [size_case(name, tx, grads, grads, needs_params=needs_params)
+             for name, tx, needs_params in clippers()]
+    for case in cases:
+      case.ready()
+    sizes[label] = size_record(label, grads, cases)
+    log(f"{label}: compiled {len(cases)} programs in {time.perf_counter() - t_size:.0f} s")
   results = []
   for label, make, scanned in trees:
     log(f"{label}: building the tree")
@@ -413,6 +432,8 @@ def main() -> None:
       label = f"{label} ({n_leaves} leaves)"
     log(f"{label}: compiling")
     cases = build_cases(grads, params, log, scanned=scanned)
+    if label in (f"{few} leaves", f"{many} leaves") or label.startswith("Flax transformer"):
+      sizes[label] = size_record(label, grads, cases)
     log(f"{label}: timing {len(cases)} cases, interleaved")
     rounds = run_interleaved(cases, warmup=2, min_rounds=min_rounds, max_rounds=max_rounds,
                              budget_s=budget, log=log)
@@ -424,20 +445,18 @@ def main() -> None:
       case.step = None
     del cases, params, grads
 
-  body = write_report(results, started=started, elapsed=time.perf_counter() - t0,
-                      load=(load_before, os.getloadavg()), quick=args.quick)
+  elapsed = time.perf_counter() - t0
+  load = (load_before, os.getloadavg())
+  body = write_report(results, started=started, elapsed=elapsed, load=load, quick=args.quick)
   print(body)
   _common.write_section(args.out, "bench", body)
   log(f"wrote the bench section of {args.out}")
-
-
-def ratio_cell(a: Case, b: Case, bound: float | None = None) -> str:
-  """``median× (min–max)`` of the per-round ratios, with the verdict against ``bound``."""
-  rs = ratios(a, b)
-  cell = f"{statistics.median(rs):.3f}× ({_common.spread(rs)})"
-  if bound is not None:
-    cell += " " + _common.verdict(min(rs), max(rs), bound)
-  return cell
+  body = write_size_report([sizes[k] for k in sorted(sizes, key=lambda k: (
+      not k.endswith(" leaves"), sizes[k]["n_leaves"]))], small=f"{few} leaves",
+      large=f"{many} leaves", started=started, elapsed=elapsed, load=load, quick=args.quick)
+  print(body)
+  _common.write_section(args.out, "hlo", body)
+  log(f"wrote the hlo section of {args.out}")
 
 
 def write_report(results: list[dict], *, started, elapsed: float, load: tuple,
@@ -455,8 +474,10 @@ def write_report(results: list[dict], *, started, elapsed: float, load: tuple,
     " ratios are medians of the per-round ratios, with the min–max of the per-round ratios in"
     " parentheses. A goal is *met* when the whole min–max spread is within its bound, *not"
     " met* when all of it is above, and *within the noise* when the spread straddles the"
-    " bound. *In place* means the gradient and state buffers are donated (`donate_argnums`),"
-    " as in a jitted train step; PyTorch's `clip_grad_norm_` works in place too. *Fresh"
+    " bound. *In place* means the gradient buffers are donated (`donate_argnums=(0,)`, the"
+    " state that comes out is the next call's), and for the adam steps the parameters and the"
+    " optimizer state, as in a jitted train step; PyTorch's `clip_grad_norm_` works in place"
+    " too. *Fresh"
     " output* writes a new tree each call. Peak memory is argument + output + temp − alias"
     " bytes from `compiled.memory_analysis()`.")
   r("")
@@ -544,6 +565,129 @@ def write_report(results: list[dict], *, started, elapsed: float, load: tuple,
     " unscanned model does. `clip_stats` cannot be switched off: *updates only* jits an update"
     " that returns only the updates, so XLA drops the statistics. Compile times here ran two"
     " at a time; `make bench-compile` measures them one at a time.")
+  return "\n".join(lines)
+
+
+def write_size_report(sizes: list[dict], *, small: str, large: str, started, elapsed: float,
+                      load: tuple, quick: bool) -> str:
+  """The hlo section: HLO instructions and bytes accessed of every clipper's program."""
+  lines: list[str] = []
+  r = lines.append
+  if quick:
+    r("**Quick mode (`--quick`): tiny trees; these figures mean nothing.**")
+    r("")
+  lines += _common.machine_lines(
+      started=started, elapsed_s=elapsed, load=load, software=software(),
+      command="`make bench` (runs `python benchmarks/bench_clip.py`, which writes this section"
+              " and the run-time section)")
+  r("")
+  labels = [t["label"] for t in sizes]
+  by_label = {t["label"]: t for t in sizes}
+  shapes = [f"{t['label']} of {t['leaf_shape']}" for t in sizes if t["leaf_shape"]]
+  r("Every clipper's update, `jax.jit(lambda g, s: tx.update(g, s), donate_argnums=(0,))`"
+    " (AGC: `lambda g, s, p: tx.update(g, s, p)`), lowered and compiled on each tree: the"
+    " programs that the run-time section times in place (the size-only tree is lowered on"
+    " shapes and never run). *Instructions*: the lines of `compiled.as_text()` (the optimized"
+    " HLO) that contain ` = `. *Bytes*: `compiled.cost_analysis()[\"bytes accessed\"]` over"
+    " the gradient bytes, also for AGC, although optax's and clipjax's AGC read the"
+    " parameters as well. XLA's cost analysis counts a conditional as its costliest branch,"
+    " so the overflow rescue of clipjax's norms (a second read of the gradients that runs"
+    " only when a sum of squares overflows) counts as if it ran. Both figures depend only"
+    " on the software versions, not on the machine's load: a goal is *met* or *not met*."
+    " Trees, float32: " + "".join(f"{shape}; " for shape in shapes)
+    + "the parameters of the Flax transformer of the run-time section. Clipjax constructors"
+    " with their default arguments but the thresholds: `clip(1e-4)`, `clip_by_norm(1.0)`,"
+    " `clip_by_block_rms(1e-4)`, `clip_by_global_norm(1.0)`, `adaptive_grad_clip(0.01)`;"
+    " `skip_spikes` wraps `optax.identity()`.")
+  r("")
+
+  def figure(label: str, name: str, index: int) -> float | None:
+    tree = by_label.get(label)
+    if tree is None or name not in tree["figures"]:
+      return None
+    value = tree["figures"][name][index]
+    return value / tree["grad_bytes"] if index == 1 else value
+
+  tally = _common.Tally()
+  head = "| goal | " + " | ".join(labels) + " |"
+  rule = "|---|" + "---|" * len(labels)
+  r("### Goals")
+  r("")
+  r(head)
+  r(rule)
+  for name, ref, bound in SIZE_GOALS:
+    cells = []
+    for label in labels:
+      a, b = figure(label, f"clipjax.{name}", 0), figure(label, ref, 0)
+      if a is None or b is None:
+        cells.append("—")
+        continue
+      x = a / b
+      cells.append(tally(f"{x:.3f}× {_common.verdict(x, x, bound)}"))
+    r(f"| {name}: instructions ≤ {bound}× {ref} | " + " | ".join(cells) + " |")
+  for name, ref, _ in SIZE_GOALS:
+    agc = name == "adaptive_grad_clip"
+    cells = []
+    for label in labels:
+      x = figure(label, f"clipjax.{name}", 1)
+      bound = figure(label, "optax.adaptive_grad_clip", 1) if agc else BYTES_BOUND
+      if x is None or bound is None:
+        cells.append("—")
+        continue
+      shown = f"{x:.2f} (optax {bound:.2f})" if agc else f"{x:.2f}"
+      cells.append(tally(f"{shown} {_common.verdict(x, x, bound)}"))
+    what = ("optax.adaptive_grad_clip's (both over gradient bytes)" if agc
+            else f"{BYTES_BOUND}× gradient bytes")
+    r(f"| {name}: bytes accessed ≤ {what} | " + " | ".join(cells) + " |")
+  r("")
+
+  r(f"### Linear in the number of leaves: instructions per leaf at {large} ≤ {LINEAR_BOUND}×"
+    f" at {small}")
+  r("")
+  r(f"| transform | per leaf, {small} | per leaf, {large} | growth | verdict |")
+  r("|---|---:|---:|---:|---|")
+  for name, _, _ in clippers():
+    a, b = figure(small, name, 0), figure(large, name, 0)
+    if a is None or b is None:
+      continue
+    per_small, per_large = a / by_label[small]["n_leaves"], b / by_label[large]["n_leaves"]
+    x = per_large / per_small
+    judged = tally(_common.verdict(x, x, LINEAR_BOUND)) if name.startswith("clipjax.") else "—"
+    r(f"| {name} | {per_small:.1f} | {per_large:.1f} | {x:.3f}× | {judged} |")
+  r("")
+  r(tally.line())
+  r("")
+
+  r("### HLO instructions")
+  r("")
+  r("In parentheses: over the reference of the clipper's goal.")
+  r("")
+  r("| transform | reference | " + " | ".join(labels) + " |")
+  r("|---|---|" + "---:|" * len(labels))
+  refs = {f"clipjax.{name}": ref for name, ref, _ in SIZE_GOALS}
+  for name, _, _ in clippers():
+    ref = refs.get(name)
+    cells = []
+    for label in labels:
+      a = figure(label, name, 0)
+      b = figure(label, ref, 0) if ref else None
+      cells.append("—" if a is None else f"{a}" + (f" ({a / b:.2f}×)" if b else ""))
+    r(f"| {name} | {ref or '—'} | " + " | ".join(cells) + " |")
+  r("")
+  r("### Bytes accessed ÷ gradient bytes")
+  r("")
+  r("| transform | " + " | ".join(labels) + " |")
+  r("|---|" + "---:|" * len(labels))
+  for name, _, _ in clippers():
+    cells = []
+    for label in labels:
+      x = figure(label, name, 1)
+      cells.append("—" if x is None else f"{x:.3f}")
+    r(f"| {name} | " + " | ".join(cells) + " |")
+  r("")
+  r("Notes: one read and one write of the gradients is 2.0; a norm and then a scale is 3.0"
+    " (read, read, write). `clip` ≤ 2.0 is within reach only where XLA fuses the statistic"
+    " into the clamp; XLA CPU does not, so its goal here is ≤ 3.0 like the others.")
   return "\n".join(lines)
 
 
