@@ -155,25 +155,22 @@ def ratio_rule(norm: jax.Array, max_norm: jax.typing.ArrayLike | None,
   thresholds, with no 0/0); a NaN or inf norm keeps factor 1 (the updates pass
   through). Works elementwise, so ``norm`` may hold one norm per leaf.
   """
-  finite = jnp.isfinite(norm)
-  positive = norm > 0
   one = jnp.ones((), norm.dtype)
-  safe = jnp.where(positive & finite, norm, one)
   # Each part is selected where it is used, so an unselected inf threshold
-  # (max_norm=inf: no clipping) cannot give inf·0 = NaN derivatives.
+  # (max_norm=inf: no clipping) cannot give inf·0 = NaN derivatives. A NaN norm
+  # fails every comparison; an inf one is cut only if finite, so both keep 1 / 1.
   num, den = one, one
   if min_norm is not None:
     low = jnp.asarray(min_norm).astype(norm.dtype)
     # Lift only where the factor low / norm is representable (norm >= low / max):
     # a norm below that (e.g. 1e-38 lifted to 4) passes through like zero.
     liftable = norm * jnp.asarray(jnp.finfo(norm.dtype).max, norm.dtype) >= low
-    lift = positive & (norm < low) & liftable
-    num, den = jnp.where(lift, low, num), jnp.where(lift, safe, den)
+    lift = (norm > 0) & (norm < low) & liftable
+    num, den = jnp.where(lift, low, num), jnp.where(lift, norm, den)
   if max_norm is not None:
     high = jnp.asarray(max_norm).astype(norm.dtype)
-    cut = norm > high
-    num, den = jnp.where(cut, high, num), jnp.where(cut, safe, den)
-  num, den = jnp.where(finite, num, one), jnp.where(finite, den, one)
+    cut = (norm > high) & jnp.isfinite(norm)
+    num, den = jnp.where(cut, high, num), jnp.where(cut, norm, den)
   return Ratio(jnp.broadcast_to(num, norm.shape), jnp.broadcast_to(den, norm.shape))
 
 

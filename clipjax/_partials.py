@@ -45,18 +45,26 @@ def _tiny_partial(acc: jnp.dtype, power: int) -> float:
   return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
+@jax.custom_jvp
 def safe_sqrt(x: jax.Array) -> jax.Array:
   """``sqrt(x)`` of a sum of squares, with a finite derivative everywhere.
 
   Every root of a sum of squares in the package is taken here. The derivative
   at 0 is 0 (the subgradient of a norm at zero, as ``optax.safe_norm``), not
-  inf: the inner ``where`` gives ``sqrt`` a safe input, so a branch that a
-  ``where`` does not select cannot turn its zero cotangent into
-  ``0 · inf = NaN``. NaN and inf pass through.
+  inf, so a branch that a ``where`` does not select cannot turn its zero
+  cotangent into ``0 · inf = NaN``. One ``custom_jvp`` keeps the forward pass a
+  bare ``sqrt``. NaN and inf pass through.
   """
+  return jnp.sqrt(x)
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  root = jnp.sqrt(x)
   zero = x == 0
-  root = jnp.sqrt(jnp.where(zero, jnp.ones((), x.dtype), x))
-  return jnp.where(zero, jnp.zeros((), x.dtype), root)
+  slope = t / (2 * jnp.where(zero, jnp.ones((), root.dtype), root))
+  return root, jnp.where(zero, jnp.zeros((), slope.dtype), slope)
 
 
 @jax.custom_jvp
