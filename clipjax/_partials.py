@@ -191,26 +191,31 @@ def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
   cap = jnp.asarray(_tiny_partial(acc, power), acc)
 
   def derived(_):
-    return [times(p, shrink) for p in plain], [times(jnp.minimum(p, cap), grow) for p in plain]
-
-  if not (overflow or underflow):
-    return derived(None)
+    # Without ``underflow`` no grown row is read (root takes None): none is made,
+    # and ``plain`` stands in its place outside the conditional.
+    return ([times(p, shrink) for p in plain],
+            [times(jnp.minimum(p, cap), grow) for p in plain] if underflow else [])
 
   def recomputed(_):
     shrunk, grown = derived(None)
     return (reread(2.0**-k) if overflow else shrunk), (reread(2.0**k) if underflow else grown)
 
-  # One reduction over the joined sums, not one per array (AGC has an array per leaf).
-  groups = [group for (group,) in _layout.joined(plain)]
-  fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in groups]))
-  if underflow:
-    tiny = jnp.asarray(_tiny_partial(acc, power), acc)
-    fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in groups]))
-  if not isinstance(fine, jax.core.Tracer):
-    # Outside jit the branch is known: the same result, without compiling a new
-    # conditional on every call (its branches are fresh closures).
-    return derived(None) if bool(fine) else recomputed(None)
-  return lax.cond(fine, derived, recomputed, None)
+  if not (overflow or underflow):
+    shrunk, grown = derived(None)
+  else:
+    # One reduction over the joined sums, not one per array (AGC has an array per leaf).
+    groups = [group for (group,) in _layout.joined(plain)]
+    fine = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in groups]))
+    if underflow:
+      tiny = jnp.asarray(_tiny_partial(acc, power), acc)
+      fine = fine & jnp.all(jnp.stack([jnp.all(p >= tiny) for p in groups]))
+    if isinstance(fine, jax.core.Tracer):
+      shrunk, grown = lax.cond(fine, derived, recomputed, None)
+    else:
+      # Outside jit the branch is known: the same result, without compiling a new
+      # conditional on every call (its branches are fresh closures).
+      shrunk, grown = derived(None) if bool(fine) else recomputed(None)
+  return shrunk, (grown if underflow else list(plain))
 
 
 def root(plain: jax.Array, shrunk: jax.Array, grown: jax.Array | None, power: int
