@@ -105,8 +105,10 @@ def unit_norms(leaves: list[jax.Array], axes: list[tuple[int, ...]],
   def reread(factor):
     return [unit_squares(x, a, acc, factor) for x, a in zip(leaves, axes)]
 
+  # Sums added over devices are scaled alike on every device; otherwise only roots are taken.
   shrunk, _ = _partials.rescued(plain, reread, acc, 2,
-                                overflow=_partials.can_overflow(leaves, acc), underflow=False)
+                                overflow=_partials.can_overflow(leaves, acc), underflow=False,
+                                summed=axis_name is not None)
   if axis_name is not None and plain:
     flags = list(shared) if shared is not None else [()] * len(leaves)
     rows = _reduce_rows(plain + shrunk, axis_name, flags * 2)

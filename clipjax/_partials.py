@@ -167,8 +167,8 @@ def _times(partial: jax.Array, factor: jax.Array, ord: Ord) -> jax.Array:
 
 
 def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
-            acc: jnp.dtype, power: int, *, overflow: bool, underflow: bool
-            ) -> tuple[list[jax.Array], list[jax.Array]]:
+            acc: jnp.dtype, power: int, *, overflow: bool, underflow: bool,
+            summed: bool = True) -> tuple[list[jax.Array], list[jax.Array]]:
   """The shrunk and grown rows of the local unrooted partials ``plain``.
 
   ``plain`` is a list of arrays of sums of ``|x|^power`` in ``acc``;
@@ -179,6 +179,10 @@ def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
   ``underflow``, below ``2**-100`` for squares); only then are they reread, so
   the common case reads the data once. :func:`root` takes the rescued row
   where the plain sum left the range.
+
+  Without ``summed`` (the rows are only rooted entry by entry, never added
+  together) a row that is not rescued holds the plain sums themselves: root
+  never reads it there, and the common case computes nothing more.
   """
   k = _rescale_exponent(acc)
   shrink, grow = _xla.opaque(2.0**-k, acc), _xla.opaque(2.0**k, acc)
@@ -193,6 +197,8 @@ def rescued(plain: list[jax.Array], reread: Callable[[float], list[jax.Array]],
   def derived(_):
     # Without ``underflow`` no grown row is read (root takes None): none is made,
     # and ``plain`` stands in its place outside the conditional.
+    if not summed:
+      return list(plain), list(plain) if underflow else []
     return ([times(p, shrink) for p in plain],
             [times(jnp.minimum(p, cap), grow) for p in plain] if underflow else [])
 
