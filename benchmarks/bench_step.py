@@ -175,8 +175,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true",
                       help="a tiny model, some of the clippers and few rounds: checks that"
                            " the script runs")
-  parser.add_argument("--budget", type=float, default=15.0,
-                      help="seconds of interleaved timing per model (default 15; at least 8"
+  parser.add_argument("--budget", type=float, default=10.0,
+                      help="seconds of interleaved timing per model (default 10; at least 8"
                            " rounds)")
   parser.add_argument("--out", default=_common.RESULTS,
                       help="the Markdown file whose step section is rewritten")
