@@ -45,26 +45,35 @@ def _tiny_partial(acc: jnp.dtype, power: int) -> float:
   return 2.0 ** ((jnp.finfo(acc).minexp // 2 + 13) * power)
 
 
-@jax.custom_jvp
-def safe_sqrt(x: jax.Array) -> jax.Array:
-  """``sqrt(x)`` of a sum of squares, with a finite derivative everywhere.
+def _flat_at_zero(fn: Callable[[jax.Array], jax.Array],
+                  slope: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> Callable:
+  """``fn`` with the derivative ``slope(x, safe, dx)`` where ``x != 0``, and 0 at ``x = 0``.
 
-  Every root of a sum of squares in the package is taken here. The derivative
-  at 0 is 0 (the subgradient of a norm at zero, as ``optax.safe_norm``), not
-  inf, so a branch that a ``where`` does not select cannot turn its zero
-  cotangent into ``0 · inf = NaN``. One ``custom_jvp`` keeps the forward pass a
-  bare ``sqrt``. NaN and inf pass through.
+  ``safe`` is ``fn(x)`` with 1 where ``x = 0``, a denominator that cannot be 0. 0 is the
+  subgradient every norm here takes at zero (as ``optax.safe_norm``), where ``sqrt`` has an
+  infinite derivative and ``jnp.abs`` 1 (NaN for a complex 0); a branch that a ``where`` does
+  not select then cannot turn its zero cotangent into ``0 · inf = NaN``. As a ``custom_jvp``
+  the forward pass stays the bare ``fn``, which XLA CPU fuses into its fast reductions.
   """
-  return jnp.sqrt(x)
+  wrapped = jax.custom_jvp(fn)
+
+  @wrapped.defjvp
+  def _jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    value = fn(x)
+    zero = x == 0
+    safe = jnp.where(zero, jnp.ones((), value.dtype), value)
+    return value, jnp.where(zero, jnp.zeros((), value.dtype), slope(x, safe, t))
+
+  return wrapped
 
 
-@safe_sqrt.defjvp
-def _safe_sqrt_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  root = jnp.sqrt(x)
-  zero = x == 0
-  slope = t / (2 * jnp.where(zero, jnp.ones((), root.dtype), root))
-  return root, jnp.where(zero, jnp.zeros((), slope.dtype), slope)
+# Every root of a sum of squares in the package is taken here; NaN and inf pass through.
+safe_sqrt = _flat_at_zero(jnp.sqrt, lambda x, root, t: t / (2 * root))
+# d|x| = Re(conj(x)·dx)/|x|; sign(x)·dx for real x.
+_modulus = _flat_at_zero(
+    jnp.abs, lambda x, size, t: (jnp.real(jnp.conj(x) * t) / size if jnp.iscomplexobj(x)
+                                 else jnp.sign(x) * t))
 
 
 @jax.custom_jvp
@@ -97,28 +106,6 @@ def _nan_max_jvp(primals, tangents):
   top = _nan_max(x)
   at = (x == top).astype(x.dtype)
   return top, jnp.sum(at * t) / jnp.sum(at)
-
-
-@jax.custom_jvp
-def _modulus(x: jax.Array) -> jax.Array:
-  """``|x|`` whose derivative at ``x = 0`` is 0.
-
-  0 is the subgradient every norm here takes at zero; ``jnp.abs`` gives 1
-  there (NaN for a complex 0). One ``custom_jvp`` keeps the forward pass a
-  bare ``abs``, which XLA CPU fuses into its fast reductions.
-  """
-  return jnp.abs(x)
-
-
-@_modulus.defjvp
-def _modulus_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  size = jnp.abs(x)
-  zero = x == 0
-  # d|x| = Re(conj(x)·dx)/|x|, on a safe denominator; sign(x)·dx for real x.
-  safe = jnp.where(zero, jnp.ones((), size.dtype), size)
-  slope = jnp.real(jnp.conj(x) * t) / safe if jnp.iscomplexobj(x) else jnp.sign(x) * t
-  return size, jnp.where(zero, jnp.zeros((), size.dtype), slope)
 
 
 def _magnitude(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
