@@ -270,6 +270,15 @@ def machine_lines(*, started, elapsed_s: float, load: tuple, command: str,
   ]
 
 
+def report_head(*, quick: str | None, started, elapsed_s: float, load: tuple, command: str,
+                software: str) -> list[str]:
+  """The opening lines of a generated section: the quick-mode warning (``quick`` says what is
+  small, ``None`` in a full run), the machine lines and a blank line."""
+  head = [f"**Quick mode (`--quick`): {quick}; these figures mean nothing.**", ""] if quick else []
+  return head + machine_lines(started=started, elapsed_s=elapsed_s, load=load, command=command,
+                              software=software) + [""]
+
+
 # Verdicts ---------------------------------------------------------------------
 
 

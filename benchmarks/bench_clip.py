@@ -463,13 +463,10 @@ def write_report(results: list[dict], *, started, elapsed: float, load: tuple,
                  quick: bool) -> str:
   lines: list[str] = []
   r = lines.append
-  if quick:
-    r("**Quick mode (`--quick`): tiny trees, a few rounds; these figures mean nothing.**")
-    r("")
-  lines += _common.machine_lines(
-      started=started, elapsed_s=elapsed, load=load, software=software(),
+  lines += _common.report_head(
+      quick="tiny trees, a few rounds" if quick else None, started=started, elapsed_s=elapsed,
+      load=load, software=software(),
       command="`make bench` (runs `python benchmarks/bench_clip.py`)")
-  r("")
   r("Times are medians over interleaved rounds (every case once per round, warm-up excluded);"
     " ratios are medians of the per-round ratios, with the min–max of the per-round ratios in"
     " parentheses. A goal is *met* when the whole min–max spread is within its bound, *not"
@@ -573,14 +570,11 @@ def write_size_report(sizes: list[dict], *, small: str, large: str, started, ela
   """The hlo section: HLO instructions and bytes accessed of every clipper's program."""
   lines: list[str] = []
   r = lines.append
-  if quick:
-    r("**Quick mode (`--quick`): tiny trees; these figures mean nothing.**")
-    r("")
-  lines += _common.machine_lines(
-      started=started, elapsed_s=elapsed, load=load, software=software(),
+  lines += _common.report_head(
+      quick="tiny trees" if quick else None, started=started, elapsed_s=elapsed, load=load,
+      software=software(),
       command="`make bench` (runs `python benchmarks/bench_clip.py`, which writes this section"
               " and the run-time section)")
-  r("")
   labels = [t["label"] for t in sizes]
   by_label = {t["label"]: t for t in sizes}
   shapes = [f"{t['label']} of {t['leaf_shape']}" for t in sizes if t["leaf_shape"]]

@@ -222,13 +222,10 @@ def write_report(results: list[dict], *, dims: dict[str, int], scale: float, bat
                  started, elapsed: float, load: tuple, quick: bool) -> str:
   lines: list[str] = []
   r = lines.append
-  if quick:
-    r("**Quick mode (`--quick`): a tiny model, a few rounds; these figures mean nothing.**")
-    r("")
-  lines += _common.machine_lines(
-      started=started, elapsed_s=elapsed, load=load, software=_common.versions(),
+  lines += _common.report_head(
+      quick="a tiny model, a few rounds" if quick else None, started=started,
+      elapsed_s=elapsed, load=load, software=_common.versions(),
       command="`make bench` (runs `python benchmarks/bench_step.py` after `bench_clip.py`)")
-  r("")
   first = results[0]
   size = ", ".join(f"{k}={v}" for k, v in dims.items())
   n_tokens = first["tokens"][1]

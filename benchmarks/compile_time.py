@@ -334,13 +334,10 @@ def report(trees: list[Tree], names: list[str], *, reps: int, asked: int, budget
   lines: list[str] = []
   r = lines.append
   clipjax_names = [n for n in names if n.startswith("clipjax.")]
-  if quick:
-    r("**Quick mode (`--quick`): tiny trees, one repetition; these figures mean nothing.**")
-    r("")
-  lines += _common.machine_lines(
-      started=started, elapsed_s=elapsed_s, load=load, software=_common.versions(),
+  lines += _common.report_head(
+      quick="tiny trees, one repetition" if quick else None, started=started,
+      elapsed_s=elapsed_s, load=load, software=_common.versions(),
       command="`make bench-compile` (runs `python benchmarks/compile_time.py`)")
-  r("")
   repetitions = ("one repetition" if reps == 1 else
                  f"{reps} repetitions, each over every tree and transform, the order of the"
                  " transforms reversed from one to the next")
