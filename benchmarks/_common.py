@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -268,6 +269,16 @@ def machine_lines(*, started, elapsed_s: float, load: tuple, command: str,
       f" {a1:.2f}, {a5:.2f}, {a15:.2f} at the end",
       f"- Command: {command}",
   ]
+
+
+def progress_log(t0: float) -> Callable[[str], None]:
+  """A ``log(msg)`` that prints the seconds since ``t0`` and the peak resident memory."""
+
+  def log(msg: str) -> None:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"[{time.perf_counter() - t0:6.1f} s, {rss:4.1f} GB] {msg}", flush=True)
+
+  return log
 
 
 def report_head(*, quick: str | None, started, elapsed_s: float, load: tuple, command: str,

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -383,10 +382,7 @@ def main() -> None:
   args = parser.parse_args()
 
   t0 = time.perf_counter()
-
-  def log(msg: str) -> None:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"[{time.perf_counter() - t0:6.1f} s, {rss:4.1f} GB] {msg}", flush=True)
+  log = _common.progress_log(t0)
 
   if torch is not None:
     torch.set_num_threads(2)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -183,10 +182,7 @@ def main() -> None:
   args = parser.parse_args()
 
   t0 = time.perf_counter()
-
-  def log(msg: str) -> None:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"[{time.perf_counter() - t0:6.1f} s, {rss:4.1f} GB] {msg}", flush=True)
+  log = _common.progress_log(t0)
 
   scale, dims, batch = (0.01, QUICK_DIMS, QUICK_BATCH) if args.quick else (1.0, DIMS, BATCH)
   budget = 2.0 if args.quick else args.budget
